@@ -1,0 +1,63 @@
+"""Assembling the FastAPI app: routers, error translation, request ids, and the lifespan that
+starts the engine and the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from fastapi import FastAPI, Request, Response
+
+from batchd import ids
+from batchd.api import errors, openai_batches, openai_files, realtime
+from batchd.api.responses import JSONResponse
+from batchd.service import Services
+
+log = logging.getLogger(__name__)
+
+
+def create_app(services: Services) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await services.engine.start()
+        await services.scheduler.recover()
+        scheduler_task = asyncio.create_task(services.scheduler.run())
+        app.state.ready = True
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await services.scheduler.stop()
+            scheduler_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scheduler_task
+            await services.engine.close()
+
+    app = FastAPI(
+        title="batchd",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.state.ready = False
+    errors.install(app)
+
+    @app.middleware("http")
+    async def request_id_header(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        response.headers.setdefault("x-request-id", ids.request_id())
+        return response
+
+    @app.get("/healthz", include_in_schema=False)
+    def healthz() -> JSONResponse:
+        ready = bool(app.state.ready)
+        return JSONResponse({"status": "ok" if ready else "starting"}, 200 if ready else 503)
+
+    app.include_router(openai_files.router)
+    app.include_router(openai_batches.router)
+    app.include_router(realtime.router)
+    return app

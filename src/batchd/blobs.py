@@ -1,0 +1,93 @@
+"""Where file bytes live: server-named files under ``<data_dir>/files``.
+
+Every blob is written to a temporary name, fsynced, renamed into place and the directory
+fsynced before the database row that points at it is committed, so a committed row never
+points at a partial file. Client filenames are metadata only and never touch the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+CHUNK_BYTES = 1024 * 1024
+_TMP_PREFIX = "tmp-"
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, name: str) -> Path:
+        if "/" in name or name.startswith(".") or not name:
+            raise ValueError(f"invalid blob name {name!r}")
+        return self.root / name
+
+    def new_writer(self) -> BlobWriter:
+        return BlobWriter(self)
+
+    def open(self, name: str) -> IO[bytes]:
+        return self.path(name).open("rb")
+
+    def iter_bytes(self, name: str, chunk: int = CHUNK_BYTES) -> Iterator[bytes]:
+        with self.open(name) as handle:
+            while data := handle.read(chunk):
+                yield data
+
+    def delete(self, name: str) -> None:
+        self.path(name).unlink(missing_ok=True)
+
+    def remove_orphans(self, referenced: set[str]) -> int:
+        """Delete blobs no row points at (left by a crash between write and commit)."""
+        removed = 0
+        for entry in self.root.iterdir():
+            if entry.is_file() and entry.name not in referenced:
+                entry.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def fsync_dir(self) -> None:
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class BlobWriter:
+    """Append bytes, then ``commit()`` to get the durable blob name (or ``abort()``)."""
+
+    def __init__(self, store: BlobStore) -> None:
+        self._store = store
+        self.name = secrets.token_hex(16)
+        self._tmp = store.root / f"{_TMP_PREFIX}{self.name}"
+        self._handle: IO[bytes] = self._tmp.open("wb")
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._handle.write(data)
+        self.size += len(data)
+
+    def commit(self) -> str:
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self._tmp, self._store.path(self.name))
+        self._store.fsync_dir()
+        return self.name
+
+    def abort(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is not None:
+            self.abort()

@@ -1,0 +1,65 @@
+"""One settings object: CLI flags, then BATCHD_* environment variables, then defaults.
+
+Built once at the edge (``batchd serve``) and handed explicitly to the app and the scheduler;
+nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BATCHD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    data_dir: Path = Path("./batchd-data")
+    # Comma-separated. Empty: every request is accepted (and the server says so loudly).
+    api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    public_url: str | None = None  # base URL clients reach us on (Anthropic results_url)
+
+    # Embedded engine.
+    models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # name=path.gguf
+    quant: Literal["q8_0", "as-is"] = "q8_0"
+    n_threads: int = Field(default_factory=lambda: os.cpu_count() or 2)
+    ctx_size: int = 16384
+    max_seqs: int = 64
+    prefix_sharing: bool = True
+    engine: Literal["llamacpp", "fake"] = "llamacpp"  # "fake" is for scheduler tests only
+
+    # Limits (OpenAI's defaults; all configurable).
+    max_upload_bytes: int = 200 * MIB
+    max_batch_lines: int = 50_000
+    max_line_bytes: int = 10 * MIB
+    max_validation_errors: int = 100  # errors.data entries kept per failed batch
+
+    # Scheduling.
+    lease_seconds: int = 60
+    poll_interval_seconds: float = 0.5
+
+    @field_validator("api_keys", "models", mode="before")
+    @classmethod
+    def _split_commas(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "batchd.sqlite3"
+
+    @property
+    def files_dir(self) -> Path:
+        return self.data_dir / "files"
+
+    @property
+    def auth_enabled(self) -> bool:
+        return bool(self.api_keys)

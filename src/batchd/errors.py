@@ -1,0 +1,90 @@
+"""The one exception tree of batchd.
+
+    BatchdError                 any failure we report to a client
+    ├── InvalidRequest          400: a field or line is wrong (param=, line=, code=)
+    │   └── ContextLengthExceeded  400: prompt + max_tokens beyond the model's context
+    ├── Unauthorized            401: missing or unknown API key
+    ├── NotFound                404: unknown id, or an id owned by another tenant
+    ├── Conflict                409/400: an illegal state transition
+    ├── PayloadTooLarge         413: a body or upload beyond a configured limit
+    ├── LimitExceeded           429: a per-tenant limit; carries retry_after
+    └── EngineError             500: the engine failed for a reason not the caller's
+
+Services raise these; ``batchd.api.errors`` alone turns them into the OpenAI or Anthropic wire
+shape. Nothing below the API layer raises HTTP exceptions.
+"""
+
+from __future__ import annotations
+
+
+class BatchdError(Exception):
+    status_code = 500
+    openai_type = "server_error"
+    anthropic_type = "api_error"
+    default_code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        line: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code if code is not None else self.default_code
+        self.line = line
+
+
+class InvalidRequest(BatchdError):
+    status_code = 400
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+    default_code = "invalid_value"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    default_code = "context_length_exceeded"
+
+
+class Unauthorized(BatchdError):
+    status_code = 401
+    openai_type = "invalid_request_error"
+    anthropic_type = "authentication_error"
+    default_code = "invalid_api_key"
+
+
+class NotFound(BatchdError):
+    status_code = 404
+    openai_type = "invalid_request_error"
+    anthropic_type = "not_found_error"
+
+
+class Conflict(BatchdError):
+    status_code = 400
+    openai_type = "invalid_request_error"
+    anthropic_type = "invalid_request_error"
+
+
+class PayloadTooLarge(BatchdError):
+    status_code = 413
+    openai_type = "invalid_request_error"
+    anthropic_type = "request_too_large"
+    default_code = "request_too_large"
+
+
+class LimitExceeded(BatchdError):
+    status_code = 429
+    openai_type = "requests"
+    anthropic_type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kwargs: object) -> None:
+        super().__init__(message, **kwargs)  # type: ignore[arg-type]
+        self.retry_after = retry_after
+
+
+class EngineError(BatchdError):
+    status_code = 500

@@ -1,0 +1,232 @@
+"""Streaming validation of an OpenAI batch input file.
+
+The file is read line by line with a bounded line length; only the set of ``custom_id``s seen
+so far is kept (duplicates must be found), never the parsed lines. Pass one (``validate``)
+collects every structural problem with its line number; pass two (``iter_requests``) yields the
+rows to insert, again streaming, once the file is known to be clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import orjson
+
+from batchd.protocol.openai import SUPPORTED_BATCH_ENDPOINTS
+
+_BOM = b"\xef\xbb\xbf"
+_SKIP_CHUNK_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    code: str
+    message: str
+    line: int | None
+    param: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLine:
+    line_no: int
+    custom_id: str
+    body: bytes  # the line's body object re-serialized (compact JSON)
+    model: str
+    prefix_key: str
+
+
+@dataclass(slots=True)
+class ValidationReport:
+    errors: list[LineError] = field(default_factory=list)
+    request_count: int = 0
+    models: list[str] = field(default_factory=list)
+    truncated: bool = False  # more errors existed than were kept
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _read_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
+    """Yield (line_no, raw line without newline) — or (line_no, None) when a line is too long."""
+    line_no = 0
+    first = True
+    while True:
+        raw = stream.readline(max_line_bytes + 1)
+        if not raw:
+            return
+        line_no += 1
+        if first:
+            first = False
+            if raw.startswith(_BOM):
+                raw = raw[len(_BOM) :]
+        if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
+            # Skip the rest of the oversized line without holding it in memory.
+            while True:
+                rest = stream.readline(_SKIP_CHUNK_BYTES)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield line_no, None
+            continue
+        yield line_no, raw.rstrip(b"\r\n")
+
+
+def _prefix_key(model: str, body: dict[str, Any]) -> str:
+    # Requests that share everything but their final turn (typically a system prompt and
+    # few-shot examples) get the same key, so the scheduler can lease them together.
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        shared: Any = messages[:-1]
+    else:
+        prompt = body.get("prompt")
+        shared = prompt[:256] if isinstance(prompt, str) else None
+    digest = hashlib.blake2b(orjson.dumps([model, shared]), digest_size=8).hexdigest()
+    return digest
+
+
+def _check_line(
+    line_no: int, raw: bytes, endpoint: str
+) -> tuple[RequestLine | None, LineError | None]:
+    try:
+        obj = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None, LineError(
+            "invalid_json_line", "This line is not parseable as valid JSON.", line_no
+        )
+    if not isinstance(obj, dict):
+        return None, LineError("invalid_json_line", "Each line must be a JSON object.", line_no)
+    for key in ("custom_id", "method", "url", "body"):
+        if key not in obj:
+            return None, LineError(
+                "missing_required_parameter", f"Missing required parameter: '{key}'.", line_no, key
+            )
+    custom_id = obj["custom_id"]
+    if not isinstance(custom_id, str) or not custom_id:
+        return None, LineError(
+            "invalid_request", "'custom_id' must be a non-empty string.", line_no, "custom_id"
+        )
+    if obj["method"] != "POST":
+        return None, LineError(
+            "invalid_request", "Only the 'POST' method is supported.", line_no, "method"
+        )
+    if obj["url"] != endpoint:
+        return None, LineError(
+            "invalid_url",
+            f"The url {str(obj['url'])[:200]!r} does not match the batch's endpoint {endpoint!r}.",
+            line_no,
+            "url",
+        )
+    body = obj["body"]
+    if not isinstance(body, dict):
+        return None, LineError("invalid_request", "'body' must be a JSON object.", line_no, "body")
+    if body.get("stream") is True:
+        return None, LineError(
+            "streaming_unsupported",
+            "Streaming is not supported inside a batch; remove 'stream' or set it to false.",
+            line_no,
+            "body.stream",
+        )
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return None, LineError(
+            "invalid_request", "'body.model' must be a non-empty string.", line_no, "body.model"
+        )
+    request = RequestLine(
+        line_no=line_no,
+        custom_id=custom_id,
+        body=orjson.dumps(body),
+        model=model,
+        prefix_key=_prefix_key(model, body),
+    )
+    return request, None
+
+
+def _scan(
+    stream: IO[bytes], endpoint: str, max_line_bytes: int
+) -> Iterator[tuple[RequestLine | None, LineError | None]]:
+    seen: set[str] = set()
+    for line_no, raw in _read_lines(stream, max_line_bytes):
+        if raw is None:
+            yield (
+                None,
+                LineError(
+                    "line_too_large",
+                    f"Line {line_no} is longer than the limit of {max_line_bytes} bytes.",
+                    line_no,
+                ),
+            )
+            continue
+        if not raw.strip():
+            continue  # blank lines (including a trailing one) carry no request
+        request, error = _check_line(line_no, raw, endpoint)
+        if request is not None:
+            if request.custom_id in seen:
+                request, error = (
+                    None,
+                    LineError(
+                        "duplicate_custom_id",
+                        f"The custom_id {request.custom_id[:200]!r} is used by an earlier line.",
+                        line_no,
+                        "custom_id",
+                    ),
+                )
+            else:
+                seen.add(request.custom_id)
+        yield request, error
+
+
+def validate(
+    stream: IO[bytes],
+    endpoint: str,
+    *,
+    max_lines: int,
+    max_line_bytes: int,
+    max_errors: int,
+) -> ValidationReport:
+    report = ValidationReport()
+    if endpoint not in SUPPORTED_BATCH_ENDPOINTS:
+        report.errors.append(
+            LineError("invalid_request", f"Endpoint {endpoint} is not supported.", None, "endpoint")
+        )
+        return report
+    models: dict[str, None] = {}
+    for request, error in _scan(stream, endpoint, max_line_bytes):
+        if error is not None:
+            if len(report.errors) < max_errors:
+                report.errors.append(error)
+            else:
+                report.truncated = True
+            continue
+        assert request is not None
+        report.request_count += 1
+        models.setdefault(request.model)
+    report.models = list(models)
+    if report.request_count > max_lines:
+        report.errors.insert(
+            0,
+            LineError(
+                "too_many_tasks",
+                f"The file has {report.request_count} requests; the limit is {max_lines}.",
+                None,
+            ),
+        )
+    if report.request_count == 0 and not report.errors:
+        report.errors.append(LineError("empty_batch", "The input file has no requests.", None))
+    return report
+
+
+def iter_requests(
+    stream: IO[bytes], endpoint: str, *, max_line_bytes: int
+) -> Iterator[RequestLine]:
+    """Yield the requests of a file that ``validate`` accepted."""
+    for request, error in _scan(stream, endpoint, max_line_bytes):
+        if error is not None:  # the file changed under us; refuse rather than guess
+            raise ValueError(f"line {error.line}: {error.message}")
+        assert request is not None
+        yield request

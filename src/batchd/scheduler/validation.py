@@ -1,0 +1,88 @@
+"""Turning an uploaded file into request rows: validate (pass one), then insert (pass two).
+
+Both passes stream the file. Rows are inserted in chunks, each its own short transaction, so
+the scheduler's result commits are never blocked for long; the batch only becomes
+``in_progress`` (and so leasable) after the last chunk. A crash mid-way leaves the batch in
+``validating``; on restart its partial rows are deleted and validation runs again.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import orjson
+
+from batchd import ingest
+from batchd.blobs import BlobStore
+from batchd.config import Settings
+from batchd.store.records import BatchStatus
+from batchd.store.store import Store
+
+log = logging.getLogger(__name__)
+
+INSERT_CHUNK_ROWS = 2000
+
+
+def validate_batch(
+    store: Store, blobs: BlobStore, settings: Settings, batch_id: str
+) -> BatchStatus:
+    batch = store.get_batch(batch_id)
+    if batch is None or batch.status != BatchStatus.VALIDATING:
+        return batch.status if batch else BatchStatus.FAILED
+    store.delete_requests(batch_id)  # leftovers of an interrupted earlier attempt
+    file = store.get_file(batch.tenant, batch.input_file_id or "")
+    if file is None:
+        errors = [
+            ingest.LineError(
+                "invalid_request", "The input file no longer exists.", None, "input_file_id"
+            ).to_wire()
+        ]
+        store.transition(
+            batch_id, [BatchStatus.VALIDATING], BatchStatus.FAILED, errors=_json(errors)
+        )
+        return BatchStatus.FAILED
+
+    with blobs.open(file.blob) as stream:
+        report = ingest.validate(
+            stream,
+            batch.endpoint,
+            max_lines=settings.max_batch_lines,
+            max_line_bytes=settings.max_line_bytes,
+            max_errors=settings.max_validation_errors,
+        )
+    if not report.ok:
+        errors = [e.to_wire() for e in report.errors]
+        store.transition(
+            batch_id, [BatchStatus.VALIDATING], BatchStatus.FAILED, errors=_json(errors)
+        )
+        log.info(
+            "batch failed validation",
+            extra={"action": "batch_failed", "batch_id": batch_id, "errors": len(errors)},
+        )
+        return BatchStatus.FAILED
+
+    with blobs.open(file.blob) as stream:
+        chunk: list[ingest.RequestLine] = []
+        for line in ingest.iter_requests(
+            stream, batch.endpoint, max_line_bytes=settings.max_line_bytes
+        ):
+            chunk.append(line)
+            if len(chunk) >= INSERT_CHUNK_ROWS:
+                store.insert_requests(batch_id, chunk)
+                chunk = []
+        store.insert_requests(batch_id, chunk)
+    model = report.models[0] if len(report.models) == 1 else ",".join(report.models[:8])
+    if not store.transition(
+        batch_id, [BatchStatus.VALIDATING], BatchStatus.IN_PROGRESS, model=model
+    ):
+        # Cancelled while validating: the rows exist, the scheduler will end them.
+        return store.get_batch(batch_id).status  # type: ignore[union-attr]
+    log.info(
+        "batch validated",
+        extra={"action": "batch_validated", "batch_id": batch_id, "requests": report.request_count},
+    )
+    return BatchStatus.IN_PROGRESS
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value).decode()

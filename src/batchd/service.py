@@ -1,0 +1,152 @@
+"""Operations behind the HTTP routes, independent of any wire format's HTTP details."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from batchd import ids
+from batchd.blobs import BlobStore
+from batchd.config import Settings
+from batchd.engines.base import Engine
+from batchd.errors import Conflict, InvalidRequest, NotFound
+from batchd.protocol import openai as oa
+from batchd.scheduler.runner import Scheduler
+from batchd.store.records import BatchRecord, BatchStatus, FileRecord
+from batchd.store.store import Store, now
+
+BATCH_FILE_RETENTION_SECONDS = 30 * 24 * 3600
+
+
+@dataclass
+class Services:
+    settings: Settings
+    store: Store
+    blobs: BlobStore
+    engine: Engine
+    scheduler: Scheduler
+
+
+def register_upload(
+    services: Services, tenant: str, *, filename: str, purpose: str, blob: str, size: int
+) -> FileRecord:
+    created = now()
+    record = FileRecord(
+        id=ids.file_id(),
+        tenant=tenant,
+        filename=filename,
+        purpose=purpose,
+        bytes=size,
+        created_at=created,
+        expires_at=created + BATCH_FILE_RETENTION_SECONDS if purpose == "batch" else None,
+        blob=blob,
+    )
+    services.store.create_file(record)
+    return record
+
+
+def get_file(services: Services, tenant: str, file_id: str) -> FileRecord:
+    record = services.store.get_file(tenant, file_id)
+    if record is None:
+        raise NotFound(f"No such File object: {file_id}", param="id")
+    return record
+
+
+def delete_file(services: Services, tenant: str, file_id: str) -> FileRecord:
+    record = services.store.delete_file(tenant, file_id)
+    if record is None:
+        raise NotFound(f"No such File object: {file_id}", param="id")
+    # Rows of running batches hold their own copy of each body, so the bytes can go now.
+    services.blobs.delete(record.blob)
+    return record
+
+
+def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchRecord:
+    if not isinstance(body, dict):
+        raise InvalidRequest("The request body must be a JSON object.")
+    for key in ("input_file_id", "endpoint", "completion_window"):
+        if body.get(key) in (None, ""):
+            raise InvalidRequest(
+                f"Missing required parameter: '{key}'.",
+                param=key,
+                code="missing_required_parameter",
+            )
+    endpoint = body["endpoint"]
+    if endpoint not in oa.KNOWN_BATCH_ENDPOINTS:
+        raise InvalidRequest(
+            f"Invalid endpoint {str(endpoint)[:100]!r}: expected one of "
+            f"{', '.join(oa.SUPPORTED_BATCH_ENDPOINTS)}.",
+            param="endpoint",
+        )
+    if endpoint not in oa.SUPPORTED_BATCH_ENDPOINTS:
+        raise InvalidRequest(
+            f"The endpoint {endpoint} is not supported by this server yet; supported: "
+            f"{', '.join(oa.SUPPORTED_BATCH_ENDPOINTS)}.",
+            param="endpoint",
+            code="unsupported_endpoint",
+        )
+    window_seconds = oa.parse_completion_window(body["completion_window"])
+    metadata = oa.check_metadata(body.get("metadata"))
+    input_file_id = body["input_file_id"]
+    if not isinstance(input_file_id, str):
+        raise InvalidRequest("input_file_id must be a string.", param="input_file_id")
+    file = services.store.get_file(tenant, input_file_id)
+    if file is None:
+        raise InvalidRequest(
+            f"No such File object: {input_file_id}", param="input_file_id", code="invalid_request"
+        )
+    if file.purpose != "batch":
+        raise InvalidRequest(
+            f"File {input_file_id} has purpose {file.purpose!r}; a batch needs purpose 'batch'.",
+            param="input_file_id",
+        )
+    created = now()
+    batch_id = ids.batch_id()
+    services.store.create_batch(
+        {
+            "id": batch_id,
+            "tenant": tenant,
+            "surface": "openai",
+            "endpoint": endpoint,
+            "input_file_id": input_file_id,
+            "completion_window": body["completion_window"],
+            "status": BatchStatus.VALIDATING.value,
+            "metadata": orjson.dumps(metadata).decode() if metadata is not None else None,
+            "created_at": created,
+            "expires_at": created + window_seconds,
+        }
+    )
+    services.scheduler.wake()
+    record = services.store.get_batch(batch_id, tenant)
+    assert record is not None
+    return record
+
+
+def get_batch(services: Services, tenant: str, batch_id: str, surface: str) -> BatchRecord:
+    record = services.store.get_batch(batch_id, tenant)
+    if record is None or record.surface != surface:
+        raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
+    return record
+
+
+def cancel_batch(services: Services, tenant: str, batch_id: str, surface: str) -> BatchRecord:
+    record = get_batch(services, tenant, batch_id, surface)
+    if record.status == BatchStatus.CANCELLING:
+        return record  # cancelling twice is harmless
+    if record.status not in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
+        raise Conflict(
+            f"Cannot cancel a batch with status '{record.status.value}'.", param="batch_id"
+        )
+    if not services.store.transition(
+        batch_id, [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS], BatchStatus.CANCELLING
+    ):
+        record = get_batch(services, tenant, batch_id, surface)
+        if record.status != BatchStatus.CANCELLING:
+            raise Conflict(
+                f"Cannot cancel a batch with status '{record.status.value}'.", param="batch_id"
+            )
+        return record
+    services.scheduler.wake()
+    return get_batch(services, tenant, batch_id, surface)

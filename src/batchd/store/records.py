@@ -1,0 +1,145 @@
+"""Plain values read from the store (no SQLAlchemy rows leak past the store)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class BatchStatus(enum.StrEnum):
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_BATCH_STATUSES
+
+
+TERMINAL_BATCH_STATUSES = frozenset(
+    {BatchStatus.FAILED, BatchStatus.COMPLETED, BatchStatus.EXPIRED, BatchStatus.CANCELLED}
+)
+
+
+class RequestState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    ERRORED = "errored"
+    CANCELED = "canceled"
+    EXPIRED = "expired"
+
+
+FINAL_REQUEST_STATES = (
+    RequestState.SUCCEEDED,
+    RequestState.ERRORED,
+    RequestState.CANCELED,
+    RequestState.EXPIRED,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    id: str
+    tenant: str
+    filename: str
+    purpose: str
+    bytes: int
+    created_at: int
+    expires_at: int | None
+    blob: str
+
+
+@dataclass(slots=True)
+class RequestCounts:
+    pending: int = 0
+    running: int = 0
+    succeeded: int = 0
+    errored: int = 0
+    canceled: int = 0
+    expired: int = 0
+
+    @property
+    def total(self) -> int:
+        return (
+            self.pending
+            + self.running
+            + self.succeeded
+            + self.errored
+            + self.canceled
+            + self.expired
+        )
+
+    @property
+    def unfinished(self) -> int:
+        return self.pending + self.running
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+
+
+@dataclass(slots=True)
+class BatchRecord:
+    id: str
+    tenant: str
+    surface: str
+    endpoint: str
+    input_file_id: str | None
+    completion_window: str
+    status: BatchStatus
+    model: str | None
+    errors: list[dict[str, Any]] | None
+    metadata: dict[str, str] | None
+    output_file_id: str | None
+    error_file_id: str | None
+    created_at: int
+    in_progress_at: int | None
+    expires_at: int
+    finalizing_at: int | None
+    completed_at: int | None
+    failed_at: int | None
+    expired_at: int | None
+    cancelling_at: int | None
+    cancelled_at: int | None
+    counts: RequestCounts = field(default_factory=RequestCounts)
+    usage: Usage = field(default_factory=Usage)
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedRequest:
+    seq: int
+    batch_id: str
+    line_no: int
+    custom_id: str
+    body: bytes
+    epoch: int
+    endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    state: RequestState
+    status_code: int | None
+    result: bytes  # JSON: the response body, or for not-executed rows the error object
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FinishedRow:
+    line_no: int
+    custom_id: str
+    state: RequestState
+    status_code: int | None
+    result: bytes | None

@@ -1,0 +1,93 @@
+"""Tables. Portable SQL only (SQLite now, PostgreSQL later); Alembic migrations mirror this.
+
+Request rows are the unit of work (see DESIGN.md): each moves
+``pending -> running -> succeeded | errored | canceled | expired`` and its result is written in
+the same statement that makes it final.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData()
+
+files = Table(
+    "files",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("tenant", String(64), nullable=False),
+    Column("filename", Text, nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=True),
+    Column("blob", String(128), nullable=False),  # server-generated name under files/
+    Index("ix_files_tenant_seq", "tenant", "seq"),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("tenant", String(64), nullable=False),
+    Column("surface", String(16), nullable=False),  # "openai" | "anthropic"
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=True),
+    Column("completion_window", String(16), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("model", Text, nullable=True),
+    Column("errors", Text, nullable=True),  # JSON list of BatchError
+    Column("metadata", Text, nullable=True),  # JSON object
+    Column("output_file_id", String(64), nullable=True),
+    Column("error_file_id", String(64), nullable=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("in_progress_at", BigInteger, nullable=True),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("finalizing_at", BigInteger, nullable=True),
+    Column("completed_at", BigInteger, nullable=True),
+    Column("failed_at", BigInteger, nullable=True),
+    Column("expired_at", BigInteger, nullable=True),
+    Column("cancelling_at", BigInteger, nullable=True),
+    Column("cancelled_at", BigInteger, nullable=True),
+    Index("ix_batches_tenant_seq", "tenant", "seq"),
+    Index("ix_batches_status", "status"),
+)
+
+requests = Table(
+    "requests",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("batch_id", String(64), nullable=False),
+    Column("line_no", Integer, nullable=False),
+    Column("custom_id", Text, nullable=False),
+    Column("body", LargeBinary, nullable=False),
+    Column("prefix_key", String(32), nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_owner", String(64), nullable=True),
+    Column("lease_expires_at", BigInteger, nullable=True),
+    Column("lease_epoch", Integer, nullable=False, default=0),
+    Column("status_code", Integer, nullable=True),
+    Column("result", LargeBinary, nullable=True),  # response body, or the error object
+    Column("prompt_tokens", Integer, nullable=True),
+    Column("completion_tokens", Integer, nullable=True),
+    Column("cached_tokens", Integer, nullable=True),
+    Column("finished_at", BigInteger, nullable=True),
+    UniqueConstraint("batch_id", "custom_id", name="uq_requests_batch_custom_id"),
+    Index("ix_requests_batch_state", "batch_id", "state"),
+    Index("ix_requests_batch_line", "batch_id", "line_no"),
+    Index("ix_requests_state_prefix", "state", "prefix_key"),
+)
