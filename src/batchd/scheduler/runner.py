@@ -14,15 +14,11 @@ import logging
 import os
 import secrets
 import socket
-from dataclasses import replace
-
-import orjson
 
 from batchd.blobs import BlobStore
 from batchd.config import Settings
-from batchd.engines.base import Engine, Priority
-from batchd.errors import BatchdError, InvalidRequest
-from batchd.protocol import openai as oa
+from batchd.engines.base import Engine
+from batchd.scheduler.execute import execute
 from batchd.scheduler.finalize import finalize_batch
 from batchd.scheduler.validation import validate_batch
 from batchd.store.records import (
@@ -212,33 +208,7 @@ class Scheduler:
             self.wake()
 
     async def _run_request(self, item: LeasedRequest) -> RequestOutcome:
-        try:
-            body = orjson.loads(item.body)
-            parsed = oa.parse_body(item.endpoint, body)
-            generation = parsed.to_generation(Priority.BATCH)
-            served = self.engine.resolve_model(generation.model)
-            if served is None:
-                raise InvalidRequest(
-                    f"The model '{generation.model}' does not exist or you do not have access to it.",
-                    param="model",
-                    code="model_not_found",
-                )
-            result = await self.engine.generate(replace(generation, model=served))
-        except BatchdError as exc:
-            status = 404 if exc.code == "model_not_found" else exc.status_code
-            error = oa.error_body(
-                exc.message, type_=exc.openai_type, param=exc.param, code=exc.code
-            )
-            return RequestOutcome(RequestState.ERRORED, status, orjson.dumps(error))
-        response = oa.response_body(item.endpoint, parsed.model, result)
-        return RequestOutcome(
-            RequestState.SUCCEEDED,
-            200,
-            orjson.dumps(response),
-            prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-            cached_tokens=result.cached_tokens,
-        )
+        return await execute(self.engine, item.endpoint, item.body)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[object] = asyncio.create_task(coro)  # type: ignore[arg-type]

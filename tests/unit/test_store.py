@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from batchd.ingest import RequestLine
+from batchd.store import database
+from batchd.store.records import BatchStatus, RequestOutcome, RequestState
+from batchd.store.schema import metadata
+from batchd.store.store import Store, now
+
+
+def make_store(tmp_path: Path) -> Store:
+    engine = database.open_sqlite(tmp_path / "db.sqlite3")
+    database.upgrade(engine)
+    return Store(engine)
+
+
+def add_batch(store: Store, batch_id: str, rows: int) -> None:
+    store.create_batch(
+        {
+            "id": batch_id,
+            "tenant": "t",
+            "surface": "openai",
+            "endpoint": "/v1/chat/completions",
+            "input_file_id": "file-x",
+            "completion_window": "24h",
+            "status": BatchStatus.VALIDATING.value,
+            "created_at": now(),
+            "expires_at": now() + 3600,
+        }
+    )
+    store.insert_requests(
+        batch_id,
+        [RequestLine(i + 1, f"c{i}", b"{}", "m", "k") for i in range(rows)],
+    )
+    assert store.transition(batch_id, [BatchStatus.VALIDATING], BatchStatus.IN_PROGRESS)
+
+
+def test_migrated_schema_equals_declared_schema(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    with store.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == []
+    database.upgrade(store.engine)  # idempotent on an up-to-date database
+
+
+def test_lease_complete_and_fencing(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    add_batch(store, "batch_a", 3)
+    leased = store.lease("worker-1", 2, lease_seconds=30)
+    assert [r.line_no for r in leased] == [1, 2]
+    assert store.counts("batch_a").running == 2
+
+    ok = RequestOutcome(RequestState.SUCCEEDED, 200, b'{"ok":1}', 3, 4, 0)
+    assert store.complete(leased[0], "worker-1", ok)
+    assert not store.complete(leased[0], "worker-1", ok), "a final row is never written twice"
+    assert not store.complete(leased[1], "worker-2", ok), "only the lease holder may write"
+
+    # The lease lapses and another worker takes the row: the first worker's epoch is stale.
+    assert store.requeue_running(lapsed_before=now() + 60) == 1
+    again = store.lease("worker-2", 5, lease_seconds=30)
+    assert {r.line_no for r in again} == {2, 3}
+    assert not store.complete(leased[1], "worker-1", ok)
+    stale_epoch = [r for r in again if r.line_no == 2][0]
+    assert store.complete(stale_epoch, "worker-2", ok)
+    counts = store.counts("batch_a")
+    assert (counts.succeeded, counts.running) == (2, 1)
+
+
+def test_transitions_name_their_from_states(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    add_batch(store, "batch_b", 1)
+    assert store.transition("batch_b", [BatchStatus.IN_PROGRESS], BatchStatus.CANCELLING)
+    assert not store.transition("batch_b", [BatchStatus.IN_PROGRESS], BatchStatus.FINALIZING)
+    assert store.end_pending("batch_b", RequestState.CANCELED) == 1
+    assert store.finalize("batch_b", [BatchStatus.CANCELLING], BatchStatus.CANCELLED, [], None, None)
+    assert not store.finalize(
+        "batch_b", [BatchStatus.CANCELLING], BatchStatus.CANCELLED, [], None, None
+    ), "finalize happens exactly once"
+    batch = store.get_batch("batch_b")
+    assert batch is not None and batch.status == BatchStatus.CANCELLED
+    assert batch.cancelled_at is not None and batch.counts.canceled == 1
