@@ -29,7 +29,9 @@ def client(server: ServerProcess) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.openai_base_url, api_key=API_KEY, max_retries=0)
 
 
-def chat_line(custom_id: str, content: str, *, max_tokens: int = 8, model: str = "default", **body: Any) -> dict[str, Any]:
+def chat_line(
+    custom_id: str, content: str, *, max_tokens: int = 8, model: str = "default", **body: Any
+) -> dict[str, Any]:
     return {
         "custom_id": custom_id,
         "method": "POST",
@@ -48,12 +50,16 @@ def jsonl(lines: list[dict[str, Any]]) -> bytes:
     return ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
 
 
-def upload(client: openai.OpenAI, lines: list[dict[str, Any]] | bytes, name: str = "input.jsonl") -> str:
+def upload(
+    client: openai.OpenAI, lines: list[dict[str, Any]] | bytes, name: str = "input.jsonl"
+) -> str:
     data = lines if isinstance(lines, bytes) else jsonl(lines)
     return client.files.create(file=(name, data), purpose="batch").id
 
 
-def wait_for(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...] = TERMINAL, timeout: float = 300) -> Any:
+def wait_for(
+    client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...] = TERMINAL, timeout: float = 300
+) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         batch = client.batches.retrieve(batch_id)

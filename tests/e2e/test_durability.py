@@ -27,7 +27,10 @@ def finished_rows(data_dir: Path, batch_id: str) -> dict[str, bytes]:
 
 
 def test_kill9_mid_run_then_restart_answers_every_request_exactly_once(data_dir: Path) -> None:
-    lines = [chat_line(f"k-{i}", f"Tell me a fact about the number {i}.", max_tokens=48) for i in range(40)]
+    lines = [
+        chat_line(f"k-{i}", f"Tell me a fact about the number {i}.", max_tokens=48)
+        for i in range(40)
+    ]
     server = ServerProcess(data_dir=data_dir).start()
     try:
         client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
@@ -53,7 +56,7 @@ def test_kill9_mid_run_then_restart_answers_every_request_exactly_once(data_dir:
         assert batch.status == "completed"
         assert batch.request_counts.total == 40 and batch.request_counts.completed == 40
         output = read_jsonl(client, batch.output_file_id)
-    assert sorted(row["custom_id"] for row in output) == sorted(l["custom_id"] for l in lines)
+    assert sorted(row["custom_id"] for row in output) == sorted(line["custom_id"] for line in lines)
     by_id = {row["custom_id"]: row["response"]["body"] for row in output}
     for custom_id, stored in before.items():
         # Same completion id and text: the finished request was not recomputed.

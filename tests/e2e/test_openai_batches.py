@@ -184,7 +184,9 @@ def test_bad_request_bodies_become_error_lines_and_siblings_complete(
         chat_line("good-2", "Name a fruit."),
     ]
     batch = client.batches.create(
-        input_file_id=upload(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
+        input_file_id=upload(client, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
     )
     batch = wait_for(client, batch.id)
     assert batch.status == "completed"
@@ -215,9 +217,11 @@ def test_cancel_mid_run_keeps_finished_results(client: openai.OpenAI) -> None:
         for i in range(48)
     ]
     batch = client.batches.create(
-        input_file_id=upload(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
+        input_file_id=upload(client, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
     )
-    batch = wait_for(client, batch.id, ("in_progress",) + ("completed",), timeout=120)
+    batch = wait_for(client, batch.id, ("in_progress", "completed"), timeout=120)
     while batch.request_counts.completed < 1 and batch.status == "in_progress":
         batch = client.batches.retrieve(batch.id)
     cancelled = client.batches.cancel(batch.id)
@@ -369,7 +373,9 @@ def test_authentication_and_tenant_isolation(server: ServerProcess) -> None:
 def test_ten_thousand_line_file_is_validated_and_cancelled(client: openai.OpenAI) -> None:
     lines = [chat_line(f"bulk-{i:05d}", f"Item {i}", max_tokens=4) for i in range(10_000)]
     batch = client.batches.create(
-        input_file_id=upload(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
+        input_file_id=upload(client, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
     )
     batch = wait_for(client, batch.id, ("in_progress", "failed", "completed"), timeout=120)
     assert batch.status == "in_progress"

@@ -111,7 +111,9 @@ def test_prefix_key_groups_shared_system_prompts() -> None:
             "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
         }
         data = encode(line("x", body=body))
-        return next(ingest.iter_requests(io.BytesIO(data), ENDPOINT, max_line_bytes=10_000)).prefix_key
+        return next(
+            ingest.iter_requests(io.BytesIO(data), ENDPOINT, max_line_bytes=10_000)
+        ).prefix_key
 
     assert keyed("S", "one") == keyed("S", "two")
     assert keyed("S", "one") != keyed("T", "one")

@@ -64,7 +64,7 @@ def test_lease_complete_and_fencing(tmp_path: Path) -> None:
     again = store.lease("worker-2", 5, lease_seconds=30)
     assert {r.line_no for r in again} == {2, 3}
     assert not store.complete(leased[1], "worker-1", ok)
-    stale_epoch = [r for r in again if r.line_no == 2][0]
+    stale_epoch = next(r for r in again if r.line_no == 2)
     assert store.complete(stale_epoch, "worker-2", ok)
     counts = store.counts("batch_a")
     assert (counts.succeeded, counts.running) == (2, 1)
@@ -76,7 +76,9 @@ def test_transitions_name_their_from_states(tmp_path: Path) -> None:
     assert store.transition("batch_b", [BatchStatus.IN_PROGRESS], BatchStatus.CANCELLING)
     assert not store.transition("batch_b", [BatchStatus.IN_PROGRESS], BatchStatus.FINALIZING)
     assert store.end_pending("batch_b", RequestState.CANCELED) == 1
-    assert store.finalize("batch_b", [BatchStatus.CANCELLING], BatchStatus.CANCELLED, [], None, None)
+    assert store.finalize(
+        "batch_b", [BatchStatus.CANCELLING], BatchStatus.CANCELLED, [], None, None
+    )
     assert not store.finalize(
         "batch_b", [BatchStatus.CANCELLING], BatchStatus.CANCELLED, [], None, None
     ), "finalize happens exactly once"
