@@ -44,10 +44,10 @@ def serve(
         typer.Option(
             envvar="BATCHD_MAX_SEQS", help="Sequences decoded together [BATCHD_MAX_SEQS]."
         ),
-    ] = 64,
+    ] = 32,
     ctx_size: Annotated[
         int, typer.Option(envvar="BATCHD_CTX_SIZE", help="Total KV cache cells [BATCHD_CTX_SIZE].")
-    ] = 16384,
+    ] = 65536,
 ) -> None:
     """Run the HTTP API, the scheduler and the embedded engine in one process."""
     from batchd.config import Settings

@@ -30,8 +30,8 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # name=path.gguf
     quant: Literal["q8_0", "as-is"] = "q8_0"
     n_threads: int = Field(default_factory=lambda: os.cpu_count() or 2)
-    ctx_size: int = 16384
-    max_seqs: int = 64
+    ctx_size: int = 65536  # KV cells in all; each sequence gets ctx_size // max_seqs
+    max_seqs: int = 32
     prefix_sharing: bool = True
     engine: Literal["llamacpp", "fake"] = "llamacpp"  # "fake" is for scheduler tests only
 

@@ -23,7 +23,7 @@ def build_engine(settings: Settings) -> Engine:
         from batchd.engines.fake import FakeEngine
 
         return FakeEngine(step_seconds=0.01, max_seqs=settings.max_seqs)
-    from batchd.engines.llamacpp import LlamaCppEngine
+    from batchd.engines.llamacpp_engine import LlamaCppEngine
 
     return LlamaCppEngine(
         models=parse_model_specs(settings.models),

@@ -1,0 +1,147 @@
+"""Shared pieces of the benchmarks: a real server process, workloads, timing, reporting."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+TOPICS = [
+    "owls", "comets", "basalt", "tides", "glaciers", "lichen", "magnets", "volcanoes",
+    "bees", "coral", "deserts", "rainbows", "octopuses", "fungi", "thunder", "sand dunes",
+]  # fmt: skip
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+    proc: subprocess.Popen[bytes]
+
+    def client(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="bench", max_retries=0, timeout=600)
+
+
+@contextlib.contextmanager
+def server(**env: str) -> Iterator[Server]:
+    with tempfile.TemporaryDirectory(prefix="batchd-bench-") as tmp:
+        port = free_port()
+        data_dir = Path(tmp)
+        log = (data_dir / "server.log").open("wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "batchd.cli", "serve", "--port", str(port), "--data-dir", tmp],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError((data_dir / "server.log").read_text()[-3000:])
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("server did not start")
+                time.sleep(0.2)
+            yield Server(url=url, data_dir=data_dir, proc=proc)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+def chat_body(user: str, max_tokens: int, system: str | None = None) -> dict[str, Any]:
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user})
+    return {"model": "default", "messages": messages, "max_tokens": max_tokens, "temperature": 0}
+
+
+def small_chat_workload(n: int, max_tokens: int) -> list[dict[str, Any]]:
+    """~40 prompt tokens after the chat template, distinct per request."""
+    return [
+        chat_body(
+            f"Request {i}: in two or three sentences, tell me something surprising about "
+            f"{TOPICS[i % len(TOPICS)]} that most people do not know.",
+            max_tokens,
+        )
+        for i in range(n)
+    ]
+
+
+def run_sequential(client: openai.OpenAI, bodies: list[dict[str, Any]]) -> tuple[float, int]:
+    """Each request through the realtime endpoint, one after another: (seconds, tokens)."""
+    tokens = 0
+    start = time.perf_counter()
+    for body in bodies:
+        response = client.chat.completions.create(**body)
+        tokens += response.usage.completion_tokens if response.usage else 0
+    return time.perf_counter() - start, tokens
+
+
+def run_batch(client: openai.OpenAI, bodies: list[dict[str, Any]]) -> dict[str, Any]:
+    """The same requests as one batch, upload to downloaded results: timing and usage."""
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        for i, body in enumerate(bodies)
+    ]
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    start = time.perf_counter()
+    file = client.files.create(file=("bench.jsonl", data), purpose="batch")
+    batch = client.batches.create(
+        input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        time.sleep(0.05)
+        batch = client.batches.retrieve(batch.id)
+    content = client.files.content(batch.output_file_id).text if batch.output_file_id else ""
+    seconds = time.perf_counter() - start
+    assert batch.status == "completed", batch
+    rows = [json.loads(x) for x in content.splitlines() if x.strip()]
+    assert len(rows) == len(bodies), f"{len(rows)} of {len(bodies)} succeeded"
+    usage = batch.usage
+    return {
+        "seconds": seconds,
+        "completion_tokens": usage.output_tokens if usage else 0,
+        "prompt_tokens": usage.input_tokens if usage else 0,
+        "cached_tokens": usage.input_tokens_details.cached_tokens if usage else 0,
+        "rows": rows,
+    }
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]

@@ -1,0 +1,219 @@
+"""batchd throughput benchmarks on the bundled model, each measured side by side in one run.
+
+  1. batch vs sequential   the same chat requests one at a time through the realtime endpoint
+                           vs as one batch (target >= 3x)
+  2. service vs raw engine the same requests through the whole service (upload -> results) vs
+                           the engine loop alone in this process (target >= 0.9)
+  3. shared prefix         requests sharing a ~500-token system prompt: batch with sharing on,
+                           with sharing off, and sequential realtime (target >= 6x sequential)
+  4. realtime latency      realtime requests on an idle server vs while a large batch runs
+                           (target p95 <= 1.5x idle)
+
+Run: .venv/bin/python bench/bench_throughput.py [--parts 1,2,3,4] [--n 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from _harness import (
+    chat_body,
+    machine,
+    percentile,
+    run_batch,
+    run_sequential,
+    server,
+    small_chat_workload,
+)
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+SYSTEM_PROMPT = (
+    "You are a meticulous support assistant for a company that sells hiking equipment. "
+    "Follow these policies. Returns are accepted within 60 days with a receipt; items must be "
+    "unused unless defective. Defective items are replaced free of charge within two years. "
+    "Shipping is free for orders above 75 dollars; otherwise a flat 7 dollar fee applies. "
+    "Express shipping costs 15 dollars and arrives in two business days. We ship to the "
+    "United States, Canada and most of Europe, but not to Russia or Belarus. Gift cards never "
+    "expire and cannot be exchanged for cash. Price matching is offered against authorized "
+    "retailers for identical items in stock. Loyalty members earn one point per dollar and "
+    "redeem 100 points for a 5 dollar voucher. Tents carry a lifetime warranty against seam "
+    "failure; sleeping bags are warranted for five years; boots for one year against sole "
+    "separation. Repairs are done at our workshop in Denver and take about three weeks. "
+    "Always answer politely, in at most three sentences, cite the policy you rely on, never "
+    "invent policies, and escalate to a human agent when the customer is angry, mentions a "
+    "safety problem, or asks for a refund above 500 dollars. When unsure, say so and offer to "
+    "connect the customer to a specialist. Do not discuss competitors. Do not give medical, "
+    "legal or financial advice. Recommend products only from our own catalogue, which "
+    "includes tents, backpacks, sleeping bags, stoves, water filters, trekking poles, boots, "
+    "jackets, base layers, headlamps and navigation devices. Our stores open from 9 to 7 on "
+    "weekdays and from 10 to 5 on weekends; the Denver flagship store also opens on Sundays."
+)
+QUESTIONS = [
+    "Can I return boots I wore once?", "Do you ship to Canada?", "How long do tent repairs take?",
+    "Is shipping free for a 50 dollar order?", "Do gift cards expire?", "Can I get cash for a gift card?",
+    "What is the warranty on sleeping bags?", "Do you price match?", "When is the store open on Sunday?",
+    "How do loyalty points work?", "My stove leaked gas, what do I do?", "Do you sell kayaks?",
+    "How fast is express shipping?", "Can I return a defective headlamp after a year?",
+    "Do you ship to Belarus?", "Which backpack do you recommend?",
+]  # fmt: skip
+
+
+def tok_per_s(tokens: int, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------- parts
+
+
+def part_batch_vs_sequential(n: int, max_tokens: int, report: list[str]) -> dict[str, Any]:
+    bodies = small_chat_workload(n, max_tokens)
+    with server() as srv:
+        client = srv.client()
+        run_sequential(client, bodies[:2])  # warm-up
+        seq_s, seq_tokens = run_sequential(client, bodies)
+        batch = run_batch(client, bodies)
+    seq_rate = tok_per_s(seq_tokens, seq_s)
+    batch_rate = tok_per_s(batch["completion_tokens"], batch["seconds"])
+    lines = [
+        f"1. batch vs sequential ({n} chat requests, max_tokens {max_tokens}, greedy)",
+        f"   sequential realtime: {seq_tokens} tokens in {seq_s:.1f} s = {seq_rate:.0f} tok/s",
+        f"   one batch:           {batch['completion_tokens']} tokens in {batch['seconds']:.1f} s"
+        f" = {batch_rate:.0f} tok/s (upload to downloaded results)",
+        f"   ratio batch/sequential: {batch_rate / seq_rate:.2f}x (target >= 3x)",
+    ]
+    report.extend(lines)
+    print("\n".join(lines), flush=True)
+    return {"bodies": bodies, "batch_rate": batch_rate, "batch_seconds": batch["seconds"]}
+
+
+def part_service_vs_raw(n: int, max_tokens: int, report: list[str]) -> None:
+    from bench_engine_raw import run_raw  # the engine loop alone, same settings as the server
+
+    bodies = small_chat_workload(n, max_tokens)
+    with server() as srv:
+        batch = run_batch(srv.client(), bodies)
+    service_rate = tok_per_s(batch["completion_tokens"], batch["seconds"])
+    raw_seconds, raw_tokens = run_raw(bodies)
+    raw_rate = tok_per_s(raw_tokens, raw_seconds)
+    lines = [
+        f"2. service vs raw engine ({n} chat requests, max_tokens {max_tokens})",
+        f"   raw engine loop: {raw_tokens} tokens in {raw_seconds:.1f} s = {raw_rate:.0f} tok/s",
+        f"   whole service:   {batch['completion_tokens']} tokens in {batch['seconds']:.1f} s"
+        f" = {service_rate:.0f} tok/s",
+        f"   ratio service/raw: {service_rate / raw_rate:.2f} (target >= 0.9)",
+    ]
+    report.extend(lines)
+    print("\n".join(lines), flush=True)
+
+
+def part_shared_prefix(n: int, max_tokens: int, report: list[str]) -> None:
+    bodies = [
+        chat_body(QUESTIONS[i % len(QUESTIONS)] + f" (ticket {i})", max_tokens, SYSTEM_PROMPT)
+        for i in range(n)
+    ]
+    with server(BATCHD_PREFIX_SHARING="true") as srv:
+        client = srv.client()
+        shared = run_batch(client, bodies)
+        seq_s, seq_tokens = run_sequential(client, bodies[: max(4, n // 4)])
+    with server(BATCHD_PREFIX_SHARING="false") as srv:
+        unshared = run_batch(srv.client(), bodies)
+    seq_rate = tok_per_s(seq_tokens, seq_s)
+    on_rate = tok_per_s(shared["completion_tokens"], shared["seconds"])
+    off_rate = tok_per_s(unshared["completion_tokens"], unshared["seconds"])
+    lines = [
+        f"3. shared prefix ({n} requests, ~{shared['prompt_tokens'] // n} prompt tokens each,"
+        f" max_tokens {max_tokens})",
+        f"   sequential realtime ({max(4, n // 4)} requests): {seq_rate:.0f} tok/s",
+        f"   batch, sharing off: {unshared['seconds']:.1f} s = {off_rate:.0f} tok/s,"
+        f" cached_tokens {unshared['cached_tokens']}",
+        f"   batch, sharing on:  {shared['seconds']:.1f} s = {on_rate:.0f} tok/s,"
+        f" cached_tokens {shared['cached_tokens']} of {shared['prompt_tokens']} prompt tokens",
+        f"   ratio sharing on/off: {on_rate / off_rate:.2f}x;"
+        f" on/sequential: {on_rate / seq_rate:.2f}x (target >= 6x)",
+    ]
+    report.extend(lines)
+    print("\n".join(lines), flush=True)
+
+
+def _realtime_latencies(
+    client: Any, count: int, max_tokens: int
+) -> tuple[list[float], list[float]]:
+    ttft, total = [], []
+    for i in range(count):
+        body = chat_body(f"Quick question {i}: name a color of the sky.", max_tokens)
+        start = time.perf_counter()
+        first = None
+        stream = client.chat.completions.create(**body, stream=True)
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - start
+        total.append(time.perf_counter() - start)
+        ttft.append(first if first is not None else total[-1])
+        time.sleep(0.2)
+    return ttft, total
+
+
+def part_realtime_latency(count: int, max_tokens: int, report: list[str]) -> None:
+    background = small_chat_workload(256, 64)
+    with server() as srv:
+        client = srv.client()
+        _realtime_latencies(client, 2, max_tokens)  # warm-up
+        idle_ttft, idle_total = _realtime_latencies(client, count, max_tokens)
+        result: dict[str, Any] = {}
+        worker = threading.Thread(target=lambda: result.update(run_batch(srv.client(), background)))
+        worker.start()
+        time.sleep(3)  # let the batch fill the engine
+        busy_ttft, busy_total = _realtime_latencies(client, count, max_tokens)
+        batch_running = worker.is_alive()
+        worker.join()
+    ratio = percentile(busy_total, 95) / percentile(idle_total, 95)
+    lines = [
+        f"4. realtime latency under batch load ({count} streamed requests, max_tokens {max_tokens};"
+        f" background batch of 256 x 64 tokens{'' if batch_running else ' (ended early!)'})",
+        f"   idle:   TTFT p50 {percentile(idle_ttft, 50) * 1000:.0f} ms p95 "
+        f"{percentile(idle_ttft, 95) * 1000:.0f} ms; total p50 {percentile(idle_total, 50) * 1000:.0f}"
+        f" ms p95 {percentile(idle_total, 95) * 1000:.0f} ms",
+        f"   loaded: TTFT p50 {percentile(busy_ttft, 50) * 1000:.0f} ms p95 "
+        f"{percentile(busy_ttft, 95) * 1000:.0f} ms; total p50 {percentile(busy_total, 50) * 1000:.0f}"
+        f" ms p95 {percentile(busy_total, 95) * 1000:.0f} ms",
+        f"   ratio p95 total loaded/idle: {ratio:.2f}x (target <= 1.5x)",
+    ]
+    report.extend(lines)
+    print("\n".join(lines), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--parts", default="1,2,3,4")
+    parser.add_argument("--n", type=int, default=64)
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    parts = {int(p) for p in args.parts.split(",")}
+    report: list[str] = []
+    print(f"machine: {machine()}", flush=True)
+    if 1 in parts:
+        part_batch_vs_sequential(args.n, 48, report)
+    if 2 in parts:
+        part_service_vs_raw(args.n, 48, report)
+    if 3 in parts:
+        part_shared_prefix(32, 32, report)
+    if 4 in parts:
+        part_realtime_latency(20, 32, report)
+    if not args.no_record:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        with RESULTS.open("a") as out:
+            out.write(
+                f"\n## {stamp}\n\nmachine: {machine()}\n\ncommand: `python bench/bench_throughput.py"
+                f" --parts {args.parts} --n {args.n}`\n\n```\n" + "\n".join(report) + "\n```\n"
+            )
+
+
+if __name__ == "__main__":
+    main()
