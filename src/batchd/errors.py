@@ -5,6 +5,7 @@
     │   └── ContextLengthExceeded  400: prompt + max_tokens beyond the model's context
     ├── Unauthorized            401: missing or unknown API key
     ├── NotFound                404: unknown id, or an id owned by another tenant
+    │   └── ModelNotFound       404: a model this server does not serve
     ├── Conflict                409/400: an illegal state transition
     ├── PayloadTooLarge         413: a body or upload beyond a configured limit
     ├── LimitExceeded           429: a per-tenant limit; carries retry_after
@@ -60,6 +61,16 @@ class NotFound(BatchdError):
     status_code = 404
     openai_type = "invalid_request_error"
     anthropic_type = "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    default_code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model '{model[:200]}' does not exist or you do not have access to it.",
+            param="model",
+        )
 
 
 class Conflict(BatchdError):

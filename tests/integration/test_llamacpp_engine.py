@@ -11,7 +11,7 @@ import pytest
 
 from batchd.engines.base import ChatMessage, GenerationRequest, Priority, SamplingParams
 from batchd.engines.llamacpp_engine import LlamaCppEngine
-from batchd.errors import ContextLengthExceeded, InvalidRequest
+from batchd.errors import ContextLengthExceeded, ModelNotFound
 
 T = TypeVar("T")
 SYSTEM = (
@@ -127,7 +127,7 @@ def test_context_and_model_errors(harness: EngineHarness) -> None:
         harness.run(harness.engine.generate(chat("hi", max_tokens=100_000)))
     assert "maximum context length" in excinfo.value.message
     unknown = GenerationRequest(model="nope", params=SamplingParams(max_tokens=1), prompt="x")
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(ModelNotFound):
         harness.run(harness.engine.generate(unknown))
 
 

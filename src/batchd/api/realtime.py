@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -20,6 +19,7 @@ from batchd.api.deps import ServicesDep
 from batchd.engines.base import Engine, GenerationRequest, Priority
 from batchd.errors import InvalidRequest
 from batchd.protocol import openai as oa
+from batchd.scheduler.execute import resolve
 
 router = APIRouter()
 
@@ -36,14 +36,7 @@ async def _parse(request: Request, endpoint: str, engine: Engine) -> tuple[Any, 
         raise InvalidRequest("The request body is not valid JSON.", param="body") from None
     parsed = oa.parse_body(endpoint, body)
     generation = parsed.to_generation(Priority.REALTIME)
-    served = engine.resolve_model(generation.model)
-    if served is None:
-        raise InvalidRequest(
-            f"The model '{generation.model}' does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
-    return parsed, replace(generation, model=served)
+    return parsed, resolve(engine, generation)
 
 
 def _sse(payload: dict[str, Any]) -> bytes:

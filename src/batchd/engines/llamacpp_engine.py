@@ -14,8 +14,10 @@ The KV cache is split into one stream per sequence (``kv_unified=False``): measu
 AVX2 machine, a unified cache made 64-sequence decode 3-4x slower, because every sequence's
 attention then spans every sequence's cells (they interleave, so no masked tile is skipped).
 Across streams llama.cpp copies only whole sequences, so a shared prefix is copied whole from
-its donor and the copy's tail past the shared length is removed. While a realtime request runs, batch sequences step out of the decode
-batch (their KV stays, so resuming costs nothing) and batch prefill pauses.
+its donor and the copy's tail past the shared length is removed.
+
+While a realtime request runs, batch sequences step out of the decode batch (their KV stays,
+so resuming costs nothing) and batch prefill pauses.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from batchd.engines.llama_model import (
     requantized_q8_0,
     silence_llama_logs,
 )
-from batchd.errors import ContextLengthExceeded, EngineError, InvalidRequest
+from batchd.errors import ContextLengthExceeded, EngineError, InvalidRequest, ModelNotFound
 
 log = logging.getLogger(__name__)
 
@@ -610,11 +612,7 @@ class LlamaCppEngine:
     def _runner(self, request: GenerationRequest) -> _ModelRunner:
         runner = self.runners.get(self.names.get(request.model, ""))
         if runner is None:
-            raise InvalidRequest(
-                f"The model '{request.model}' does not exist.",
-                param="model",
-                code="model_not_found",
-            )
+            raise ModelNotFound(request.model)
         return runner
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:

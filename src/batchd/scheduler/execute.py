@@ -14,7 +14,7 @@ from dataclasses import replace
 import orjson
 
 from batchd.engines.base import Engine, GenerationRequest, Priority
-from batchd.errors import BatchdError, InvalidRequest
+from batchd.errors import BatchdError, ModelNotFound
 from batchd.protocol import openai as oa
 from batchd.store.records import RequestOutcome, RequestState
 
@@ -26,11 +26,7 @@ EXECUTORS: dict[str, Executor] = {}
 def resolve(engine: Engine, generation: GenerationRequest) -> GenerationRequest:
     served = engine.resolve_model(generation.model)
     if served is None:
-        raise InvalidRequest(
-            f"The model '{generation.model}' does not exist or you do not have access to it.",
-            param="model",
-            code="model_not_found",
-        )
+        raise ModelNotFound(generation.model)
     return replace(generation, model=served)
 
 
@@ -40,9 +36,8 @@ async def execute_openai(engine: Engine, endpoint: str, body: bytes) -> RequestO
         generation = resolve(engine, parsed.to_generation(Priority.BATCH))
         result = await engine.generate(generation)
     except BatchdError as exc:
-        status = 404 if exc.code == "model_not_found" else exc.status_code
         error = oa.error_body(exc.message, type_=exc.openai_type, param=exc.param, code=exc.code)
-        return RequestOutcome(RequestState.ERRORED, status, orjson.dumps(error))
+        return RequestOutcome(RequestState.ERRORED, exc.status_code, orjson.dumps(error))
     response = oa.response_body(endpoint, parsed.model, result)
     return RequestOutcome(
         RequestState.SUCCEEDED,
