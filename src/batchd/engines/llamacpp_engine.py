@@ -37,6 +37,7 @@ from typing import Any
 
 import jinja2.sandbox
 import llama_cpp
+import numpy as np
 
 from batchd.engines.base import (
     GenerationRequest,
@@ -242,7 +243,8 @@ class _ModelRunner:
                     self._finish_cancelled(seq)
                     continue
                 waiting.popleft()
-                seq.slot = self.free_slots.pop()
+                seq.slot = min(self.free_slots)  # keep active slots low and contiguous
+                self.free_slots.remove(seq.slot)
                 seq.sampler = self._sampler(seq.job.request)
                 if options.prefix_sharing:
                     self._find_donor(seq)
@@ -346,20 +348,12 @@ class _ModelRunner:
         for seq in [s for s in self.active if s.job.cancelled]:
             self._release(seq)
             self._finish_cancelled(seq)
+        self._compact_slots()
         realtime_active = any(s.realtime for s in self.active)
         budget = options.n_batch
         n = 0
         batch_decoding = 0
-        stepping: list[tuple[_Sequence, int]] = []  # (sequence, tokens added this step)
-
-        def add(token: int, pos: int, slot: int, logits: bool) -> None:
-            nonlocal n
-            batch.token[n] = token
-            batch.pos[n] = pos
-            batch.n_seq_id[n] = 1
-            batch.seq_id[n][0] = slot
-            batch.logits[n] = logits
-            n += 1
+        stepping: list[tuple[_Sequence, int]] = []  # (sequence, tokens it adds this step)
 
         # Decode tokens first: one per running sequence (realtime ones before batch ones).
         for seq in sorted(self.active, key=lambda s: not s.realtime):
@@ -370,8 +364,6 @@ class _ModelRunner:
                 if batch_decoding >= options.batch_seqs_during_realtime:
                     continue  # steps aside; its KV stays, so resuming later is free
                 batch_decoding += 1
-            seq.batch_index = n
-            add(seq.pending, seq.n_past, seq.slot, True)
             stepping.append((seq, 1))
             budget -= 1
         # Then prompt chunks of prefilling sequences, within the step's token budget.
@@ -382,24 +374,38 @@ class _ModelRunner:
                 continue
             if seq.donor is not None:
                 self._take_from_donor(seq)
-                if seq.donor is not None:
-                    continue
-                if not seq.prefilling:  # pragma: no cover - share_len < len(prompt) always
+                if seq.donor is not None or not seq.prefilling:
                     continue
             if realtime_active and not seq.realtime:
                 continue  # batch prefill waits while realtime work runs
-            chunk = min(len(seq.prompt) - seq.n_past, budget, max(options.prefill_chunk, 1))
-            if seq.realtime:
-                chunk = min(len(seq.prompt) - seq.n_past, budget)
-            start = seq.n_past
-            for offset in range(chunk):
-                position = start + offset
-                last = position == len(seq.prompt) - 1
-                if last:
-                    seq.batch_index = n
-                add(seq.prompt[position], position, seq.slot, last)
+            remaining = len(seq.prompt) - seq.n_past
+            chunk = min(remaining, budget if seq.realtime else max(options.prefill_chunk, 1))
+            chunk = min(chunk, budget)
             stepping.append((seq, chunk))
             budget -= chunk
+        # Rows must go in ascending sequence id: with one KV stream per sequence, llama.cpp
+        # stepped a shuffled batch 2.3x slower than the same batch sorted (measured).
+        stepping.sort(key=lambda item: item[0].slot)
+        for seq, count in stepping:
+            if seq.pending is not None:
+                seq.batch_index = n
+                batch.token[n] = seq.pending
+                batch.pos[n] = seq.n_past
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.slot
+                batch.logits[n] = True
+                n += 1
+                continue
+            last_position = len(seq.prompt) - 1
+            for position in range(seq.n_past, seq.n_past + count):
+                batch.token[n] = seq.prompt[position]
+                batch.pos[n] = position
+                batch.n_seq_id[n] = 1
+                batch.seq_id[n][0] = seq.slot
+                batch.logits[n] = position == last_position
+                if position == last_position:
+                    seq.batch_index = n
+                n += 1
         if n == 0:
             return
         batch.n_tokens = n
@@ -413,8 +419,35 @@ class _ModelRunner:
                 seq.pending = None
             seq.n_past += added
             if seq.batch_index >= 0:
-                token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, seq.batch_index)
+                if seq.job.request.params.temperature <= 0:
+                    # Greedy: argmax straight over llama.cpp's logits row, no copy. The sampler
+                    # chain would first build a 49k-entry candidate array per sequence per step.
+                    row = llama_cpp.llama_get_logits_ith(self.ctx, seq.batch_index)
+                    token = int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
+                else:
+                    token = llama_cpp.llama_sampler_sample(seq.sampler, self.ctx, seq.batch_index)
                 self._on_token(seq, token)
+
+    def _compact_slots(self) -> None:
+        """Move sequences from high slots into holes left by finished ones.
+
+        With one KV stream per sequence, llama.cpp builds each step over the range of streams
+        from the lowest to the highest sequence id in the batch; holes in that range cost as
+        much as live sequences (measured: 16 even-numbered sequences stepped 2x slower than 20
+        contiguous ones). Moving a sequence is a whole-stream copy, a fraction of a millisecond.
+        """
+        n_active = len(self.active)
+        holes = sorted(slot for slot in self.free_slots if slot < n_active)
+        if not holes:
+            return
+        movers = sorted((s for s in self.active if s.slot >= n_active), key=lambda s: -s.slot)
+        for seq, hole in zip(movers, holes, strict=False):
+            if seq.n_past > 0:
+                llama_cpp.llama_memory_seq_cp(self.memory, seq.slot, hole, -1, -1)
+                llama_cpp.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
+            self.free_slots.remove(hole)
+            self.free_slots.append(seq.slot)
+            seq.slot = hole
 
     def _decode_failed(self, rc: int, stepping: list[tuple[_Sequence, int]]) -> None:
         # 1: no KV slot for this batch. Reservations make it unlikely; shed the youngest
