@@ -29,6 +29,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -59,6 +60,10 @@ log = logging.getLogger(__name__)
 # Share a prefix only when it saves at least this many tokens of prefill.
 MIN_SHARED_PREFIX_TOKENS = 16
 IDLE_WAIT_SECONDS = 0.05
+# After a realtime request arrives, batch prefill goes in small steps for this long, so that
+# the next realtime arrival waits for one short step rather than a 512-token prefill (~1 s
+# on two cores).
+REALTIME_GRACE_SECONDS = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +76,7 @@ class EngineOptions:
     default_max_tokens: int = 1024  # when a request sets none
     prefix_sharing: bool = True
     batch_seqs_during_realtime: int = 0
+    realtime_slots: int = 2  # sequence slots batch work leaves free for realtime requests
 
 
 @dataclass(eq=False)
@@ -162,6 +168,7 @@ class _ModelRunner:
         self.free_slots = list(range(options.max_seqs - 1, -1, -1))
         self.thread = threading.Thread(target=self._run, name=f"engine-{spec.id}", daemon=True)
         self.stopping = False
+        self.last_realtime = float("-inf")
 
     # ------------------------------------------------------------ tokens
 
@@ -236,7 +243,10 @@ class _ModelRunner:
     def _admit(self) -> None:
         options = self.options
         for waiting in (self.waiting_realtime, self.waiting_batch):
-            while waiting and self.free_slots:
+            # Batch work never takes the last slots: a realtime arrival must not wait for a
+            # batch sequence to finish before it can even start.
+            keep = 0 if waiting is self.waiting_realtime else options.realtime_slots
+            while waiting and len(self.free_slots) > keep:
                 seq = waiting[0]
                 if seq.job.cancelled:
                     waiting.popleft()
@@ -338,6 +348,8 @@ class _ModelRunner:
             if job is None:
                 self.stopping = True
                 return
+            if job.request.priority == Priority.REALTIME:
+                self.last_realtime = time.monotonic()
             seq = self._prepare(job)
             if seq is not None:
                 (self.waiting_realtime if seq.realtime else self.waiting_batch).append(seq)
@@ -350,7 +362,9 @@ class _ModelRunner:
             self._finish_cancelled(seq)
         self._compact_slots()
         realtime_active = any(s.realtime for s in self.active)
+        realtime_recent = time.monotonic() - self.last_realtime < REALTIME_GRACE_SECONDS
         budget = options.n_batch
+        batch_prefill_budget = options.prefill_chunk if realtime_recent else options.n_batch
         n = 0
         batch_decoding = 0
         stepping: list[tuple[_Sequence, int]] = []  # (sequence, tokens it adds this step)
@@ -379,8 +393,13 @@ class _ModelRunner:
             if realtime_active and not seq.realtime:
                 continue  # batch prefill waits while realtime work runs
             remaining = len(seq.prompt) - seq.n_past
-            chunk = min(remaining, budget if seq.realtime else max(options.prefill_chunk, 1))
-            chunk = min(chunk, budget)
+            if seq.realtime:
+                chunk = min(remaining, budget)
+            else:
+                chunk = min(remaining, budget, options.prefill_chunk, batch_prefill_budget)
+                if chunk <= 0:
+                    continue
+                batch_prefill_budget -= chunk
             stepping.append((seq, chunk))
             budget -= chunk
         # Rows must go in ascending sequence id: with one KV stream per sequence, llama.cpp
@@ -589,6 +608,7 @@ class LlamaCppEngine:
         prefill_chunk: int = 64,
         default_max_tokens: int = 1024,
         batch_seqs_during_realtime: int = 0,
+        realtime_slots: int = 2,
     ) -> None:
         self.options = EngineOptions(
             n_threads=n_threads,
@@ -599,6 +619,7 @@ class LlamaCppEngine:
             default_max_tokens=default_max_tokens,
             prefix_sharing=prefix_sharing,
             batch_seqs_during_realtime=batch_seqs_during_realtime,
+            realtime_slots=min(realtime_slots, max_seqs - 1),
         )
         self.specs = model_specs(models)
         self.data_dir = data_dir
