@@ -8,6 +8,8 @@
                            with sharing off, and sequential realtime (target >= 6x sequential)
   4. realtime latency      realtime requests on an idle server vs while a large batch runs
                            (target p95 <= 1.5x idle)
+  6. ingest interference   a batch's tok/s alone, and while a 50,000-line file is uploaded
+                           and validated beside it, with the bulk threads niced and not
 
 Run: .venv/bin/python bench/bench_throughput.py [--parts 1,2,3,4] [--n 64]
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import threading
 import time
 from pathlib import Path
@@ -196,6 +199,78 @@ def part_realtime_latency(count: int, max_tokens: int, report: list[str]) -> Non
     print("\n".join(lines), flush=True)
 
 
+def _ingest_file(lines: int) -> bytes:
+    rows = []
+    for i in range(lines):
+        body = chat_body(f"Bulk question {i} about {i % 97} things.", 16)
+        rows.append(
+            json.dumps(
+                {
+                    "custom_id": f"bulk-{i}",
+                    "method": "POST",
+                    "url": "/v1/chat/completions",
+                    "body": body,
+                }
+            )
+        )
+    return "\n".join(rows).encode()
+
+
+def part_interference(report: list[str]) -> None:
+    bodies = small_chat_workload(64, 48)
+    bulk = _ingest_file(50_000)
+    rates: dict[str, float] = {}
+    for label, env in (
+        ("batch alone", {}),
+        ("with ingest, bulk threads niced", {"BATCHD_BACKGROUND_NICE": "19"}),
+        ("with ingest, not niced", {"BATCHD_BACKGROUND_NICE": "0"}),
+    ):
+        with server(**env) as srv:
+            client = srv.client()
+            stop = threading.Event()
+            ingested: list[float] = []
+
+            def ingest(
+                client: Any = client,
+                stop: threading.Event = stop,
+                ingested: list[float] = ingested,
+            ) -> None:
+                # Upload and validate the big file again and again while the batch runs.
+                while not stop.is_set():
+                    start = time.perf_counter()
+                    file = client.files.create(file=("bulk.jsonl", bulk), purpose="batch")
+                    batch = client.batches.create(
+                        input_file_id=file.id,
+                        endpoint="/v1/chat/completions",
+                        completion_window="24h",
+                    )
+                    while client.batches.retrieve(batch.id).status == "validating":
+                        time.sleep(0.05)
+                    client.batches.cancel(batch.id)
+                    ingested.append(time.perf_counter() - start)
+
+            worker = threading.Thread(target=ingest) if env else None
+            if worker:
+                worker.start()
+            result = run_batch(client, bodies)
+            stop.set()
+            if worker:
+                worker.join()
+        rates[label] = tok_per_s(result["completion_tokens"], result["seconds"])
+        extra = f", {len(ingested)} uploads of 50,000 lines validated" if env else ""
+        report.append(f"   {label}: {rates[label]:.0f} tok/s{extra}")
+    base = rates["batch alone"]
+    lines = [
+        "6. ingest interference (64 chat requests x 48 tokens; 50,000-line uploads beside them)",
+        *report[-3:],
+        f"   retained: niced {rates['with ingest, bulk threads niced'] / base:.2f},"
+        f" not niced {rates['with ingest, not niced'] / base:.2f} of the batch-alone rate",
+    ]
+    del report[-3:]
+    report.extend(lines)
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -215,6 +290,8 @@ def main() -> None:
         part_shared_prefix(32, 32, report)
     if 4 in parts:
         part_realtime_latency(20, 32, report)
+    if 6 in parts:
+        part_interference(report)
     if not args.no_record:
         stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         with RESULTS.open("a") as out:

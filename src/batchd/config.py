@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     # Scheduling.
     lease_seconds: int = 60
     poll_interval_seconds: float = 0.5
+    # Nice value for the threads that validate uploads and write result files (0: don't).
+    background_nice: int = 19
 
     @field_validator("api_keys", "models", mode="before")
     @classmethod
