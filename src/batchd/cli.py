@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from batchd import cli_client
+
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="A self-hosted Batch API.")
 
 
@@ -65,6 +67,9 @@ def serve(
         overrides["models"] = model
     settings = Settings(**overrides)  # type: ignore[arg-type]
     run_server(settings)
+
+
+cli_client.register(app)
 
 
 def main() -> None:
