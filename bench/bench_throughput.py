@@ -8,6 +8,9 @@
                            with sharing off, and sequential realtime (target >= 6x sequential)
   4. realtime latency      realtime requests on an idle server vs while a large batch runs
                            (target p95 <= 1.5x idle)
+  5. peer                 the same requests against llama.cpp's own C++ server (llama-server,
+                           built from the vendored llama.cpp, -np slots, as many concurrent
+                           clients), same model file, same machine: batchd batch / peer
   6. ingest interference   a batch's tok/s alone, and while a 50,000-line file is uploaded
                            and validated beside it, with the bulk threads niced and not
 
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -199,6 +204,60 @@ def part_realtime_latency(count: int, max_tokens: int, report: list[str]) -> Non
     print("\n".join(lines), flush=True)
 
 
+def part_peer(n: int, max_tokens: int, report: list[str]) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from batchd.config import Settings
+    from peer_llama_server import find_or_build, llama_server
+
+    binary = find_or_build()
+    if binary is None:
+        lines = ["5. peer llama-server: SKIPPED (it could not be built or found here; see above)"]
+        report.extend(lines)
+        print("\n".join(lines), flush=True)
+        return
+    bodies = small_chat_workload(n, max_tokens)
+    settings = Settings()
+    with server() as srv:
+        batch = run_batch(srv.client(), bodies)
+        model = next((srv.data_dir / "models").glob("*.gguf"))  # the same Q8_0 file batchd runs
+        peer_model = Path(tempfile.mkdtemp()) / model.name
+        shutil.copy2(model, peer_model)
+    ours = tok_per_s(batch["completion_tokens"], batch["seconds"])
+    slots = settings.max_seqs
+    from _harness import free_port
+
+    try:
+        with llama_server(binary, peer_model, free_port(), slots, settings.ctx_size) as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+            client.chat.completions.create(**bodies[0])  # warm-up
+
+            def one(body: dict[str, Any]) -> int:
+                response = client.chat.completions.create(**body)
+                return response.usage.completion_tokens if response.usage else 0
+
+            start = time.perf_counter()
+            with ThreadPoolExecutor(max_workers=slots) as pool:
+                tokens = sum(pool.map(one, bodies))
+            seconds = time.perf_counter() - start
+    except RuntimeError as exc:
+        lines = [f"5. peer llama-server: SKIPPED (it did not start: {str(exc)[-300:]})"]
+        report.extend(lines)
+        print("\n".join(lines), flush=True)
+        return
+    peer = tok_per_s(tokens, seconds)
+    lines = [
+        f"5. peer: llama-server -np {slots} with {slots} concurrent clients, same Q8_0 file",
+        f"   llama-server: {tokens} tokens in {seconds:.1f} s = {peer:.0f} tok/s",
+        f"   batchd batch: {batch['completion_tokens']} tokens in {batch['seconds']:.1f} s = {ours:.0f} tok/s",
+        f"   ratio batchd/llama-server: {ours / peer:.2f}",
+    ]
+    report.extend(lines)
+    print("\n".join(lines), flush=True)
+
+
 def _ingest_file(lines: int) -> bytes:
     rows = []
     for i in range(lines):
@@ -275,7 +334,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--parts", default="1,2,3,4")
+    parser.add_argument("--parts", default="1,2,3,4,5,6")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
@@ -290,6 +349,8 @@ def main() -> None:
         part_shared_prefix(32, 32, report)
     if 4 in parts:
         part_realtime_latency(20, 32, report)
+    if 5 in parts:
+        part_peer(args.n, 48, report)
     if 6 in parts:
         part_interference(report)
     if not args.no_record:

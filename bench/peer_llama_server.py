@@ -1,0 +1,103 @@
+"""llama.cpp's own C++ server as a peer: built from the vendored llama.cpp inside the
+llama-cpp-python source package (the same engine batchd embeds), cached after the first build.
+
+Returns None, with the reason printed, wherever it cannot be built or started here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+CACHE = Path(os.environ.get("BATCHD_BENCH_CACHE", Path.home() / ".cache" / "batchd-bench"))
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+
+
+def _log(message: str) -> None:
+    print(f"   [peer] {message}", flush=True)
+
+
+def find_or_build() -> Path | None:
+    explicit = os.environ.get("LLAMA_SERVER")
+    if explicit:
+        return Path(explicit) if Path(explicit).is_file() else None
+    binary = CACHE / "llama-server" / "llama-server"
+    if binary.is_file():
+        return binary
+    if not shutil.which("cmake"):
+        _log("cmake is not installed: cannot build llama-server")
+        return None
+    with tempfile.TemporaryDirectory(prefix="llama-server-build-") as tmp:
+        work = Path(tmp)
+        _log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} source package")
+        got = subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(work)],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        archives = list(work.glob("llama_cpp_python-*.tar.gz"))
+        if got.returncode != 0 or not archives:
+            _log(f"could not download the source package: {got.stderr.strip()[-300:]}")
+            return None
+        with tarfile.open(archives[0]) as archive:
+            archive.extractall(work, filter="data")
+        source = next(work.glob("llama_cpp_python-*/vendor/llama.cpp"), None)
+        if source is None:
+            _log("the source package has no vendored llama.cpp")
+            return None
+        _log("building llama-server (a few minutes on 2 cores)")
+        build = work / "build"
+        steps = [
+            ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+             "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"],
+            ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+        ]  # fmt: skip
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode != 0:
+                _log(f"build failed: {(done.stderr or done.stdout).strip()[-500:]}")
+                return None
+        built = next(build.rglob("llama-server"), None)
+        if built is None:
+            _log("build produced no llama-server binary")
+            return None
+        binary.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(built, binary)
+    return binary
+
+
+@contextlib.contextmanager
+def llama_server(binary: Path, model: Path, port: int, slots: int, ctx: int) -> Iterator[str]:
+    with tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log") as log:
+        proc = subprocess.Popen(
+            [str(binary), "-m", str(model), "--port", str(port), "--host", "127.0.0.1",
+             "-np", str(slots), "-c", str(ctx), "-t", str(os.cpu_count() or 2), "--no-webui"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(Path(log.name).read_text()[-2000:])
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(url + "/health", timeout=1).status_code == 200:
+                        break
+                if time.monotonic() > deadline:
+                    raise RuntimeError("llama-server did not become healthy")
+                time.sleep(0.3)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
