@@ -1,55 +1,112 @@
 """``batchd submit | status | results | cancel | ls``: clients of a running server, built on the
-official ``openai`` SDK (the same calls a user's own code would make)."""
+official ``openai`` SDK (the same calls a user's own code would make).
+
+Machine-readable output (batch ids, ``--json``, result lines) goes to stdout; progress, summaries
+and errors go to stderr, so ``batchd results ID > out.jsonl`` and ``ID=$(batchd submit f.jsonl)``
+just work.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import IO, Annotated
 
 import openai
 import typer
+from openai.types import Batch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
+
+__all__ = ["register"]
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
-console = Console(stderr=True)
-T = TypeVar("T")
+POLL_SECONDS = 1.0
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_ENDPOINT = "/v1/chat/completions"
+
+# Exit codes of `submit --wait` beyond 0 (completed) and 1 (usage or server error).
+EXIT_BATCH_FAILED = 2
+EXIT_BATCH_UNFINISHED = 3  # expired or cancelled; partial results are still downloaded
+EXIT_INTERRUPTED = 130
+
+err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 UrlOption = Annotated[str, typer.Option(envvar="BATCHD_URL", help="Server base URL [BATCHD_URL].")]
-KeyOption = Annotated[str, typer.Option(envvar="BATCHD_API_KEY", help="API key [BATCHD_API_KEY].")]
+KeyOption = Annotated[
+    str,
+    typer.Option(
+        envvar="BATCHD_API_KEY",
+        help="API key; any value works on a server without keys [BATCHD_API_KEY].",
+    ),
+]
 
 
 def _client(url: str, api_key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=2)
 
 
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print("error: " + message, style="red", markup=False)
+    return typer.Exit(code)
+
+
 @contextmanager
 def _server_errors(url: str) -> Iterator[None]:
-    """Turn SDK exceptions into one clear line and exit code 1 (no traceback)."""
+    """Turn SDK exceptions into one clear line on stderr and exit code 1 (no traceback)."""
     try:
         yield
     except openai.APIConnectionError:
-        console.print(f"[red]error:[/] cannot reach a batchd server at {url}")
-        raise typer.Exit(1) from None
+        raise _fail(f"cannot reach a batchd server at {url} (is `batchd serve` running?)") from None
     except openai.APIStatusError as exc:
+        # The SDK unwraps {"error": {...}} into exc.body.
         body = exc.body if isinstance(exc.body, dict) else {}
-        message = body.get("message") or str(exc)
-        console.print(f"[red]error ({exc.status_code}):[/] {message}")
-        raise typer.Exit(1) from None
+        message = body.get("message") or exc.message
+        raise _fail(f"{message} (HTTP {exc.status_code})") from None
 
 
-def _call(url: str, fn: Callable[[], T]) -> T:
-    with _server_errors(url):
-        return fn()
+def _stdout() -> Console:
+    # Piped output keeps whole ids on one line instead of wrapping at 80 columns.
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _when(timestamp: int | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _counts(batch: Batch) -> tuple[int, int, int]:
+    counts = batch.request_counts
+    return (counts.completed, counts.failed, counts.total) if counts else (0, 0, 0)
+
+
+def _summary(batch: Batch) -> str:
+    completed, failed, total = _counts(batch)
+    return f"{batch.id} {batch.status}: {completed} completed, {failed} failed, {total} total"
+
+
+def _parse_metadata(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    pairs: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected key=value, got {item!r}", param_hint="--metadata")
+        pairs[key] = value
+    return pairs
 
 
 def _infer_endpoint(path: Path) -> str:
+    """The first non-blank line's ``url``; malformed files are left to the server to report."""
     with path.open("rb") as handle:
         for raw in handle:
             if raw.strip():
@@ -57,168 +114,232 @@ def _infer_endpoint(path: Path) -> str:
                     return str(json.loads(raw)["url"])
                 except (ValueError, KeyError, TypeError):
                     break
-    return "/v1/chat/completions"
+    return DEFAULT_ENDPOINT
 
 
-def _counts_line(batch: Any) -> str:
-    counts = batch.request_counts
-    if counts is None:
-        return batch.status
-    return f"{batch.status}: {counts.completed} completed, {counts.failed} failed, {counts.total} total"
-
-
-def _download(client: openai.OpenAI, file_id: str, target: Path) -> None:
-    with (
-        client.files.with_streaming_response.content(file_id) as response,
-        target.open("wb") as out,
-    ):
+def _stream_file(client: openai.OpenAI, file_id: str, out: IO[bytes]) -> None:
+    with client.files.with_streaming_response.content(file_id) as response:
         for chunk in response.iter_bytes():
             out.write(chunk)
 
 
-def _wait(client: openai.OpenAI, url: str, batch_id: str) -> Any:
+def _follow(client: openai.OpenAI, batch_id: str) -> Batch:
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("[red]{task.fields[failed]} failed"),
         TimeElapsedColumn(),
-        console=console,
+        console=err,
     ) as progress:
-        task = progress.add_task("validating", total=None)
+        task = progress.add_task("validating", total=None, failed=0)
         while True:
-            batch = _call(url, lambda: client.batches.retrieve(batch_id))
-            counts = batch.request_counts
-            done = (counts.completed + counts.failed) if counts else 0
+            batch = client.batches.retrieve(batch_id)
+            completed, failed, total = _counts(batch)
             progress.update(
                 task,
-                description=f"{batch.status} ({counts.failed if counts else 0} failed)",
-                completed=done,
-                total=(counts.total or None) if counts else None,
+                description=batch.status,
+                completed=completed + failed,
+                total=total or None,
+                failed=failed,
             )
             if batch.status in TERMINAL:
                 return batch
-            time.sleep(1.0)
+            time.sleep(POLL_SECONDS)
+
+
+def _error_lines(batch: Batch) -> list[str]:
+    data = (batch.errors.data if batch.errors else None) or []
+    return [
+        (f"line {e.line}: " if e.line is not None else "") + f"{e.code}: {e.message}" for e in data
+    ]
 
 
 def submit(
-    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="A JSONL batch file.")],
-    endpoint: Annotated[str | None, typer.Option(help="Default: the first line's url.")] = None,
+    file: Annotated[
+        Path,
+        typer.Argument(exists=True, dir_okay=False, readable=True, help="A JSONL batch file."),
+    ],
+    endpoint: Annotated[
+        str | None, typer.Option(help="Default: the first line's url.", show_default=False)
+    ] = None,
     window: Annotated[str, typer.Option(help="Completion window: 24h, or 1m..7d.")] = "24h",
-    wait: Annotated[bool, typer.Option(help="Follow progress, then download results.")] = True,
-    metadata: Annotated[list[str] | None, typer.Option(help="key=value (repeatable).")] = None,
-    url: UrlOption = "http://127.0.0.1:8000",
+    wait: Annotated[
+        bool,
+        typer.Option(
+            help="Follow progress, then write FILE.output.jsonl / FILE.errors.jsonl beside FILE. "
+            "Exit 2 if the batch failed, 3 if it expired or was cancelled."
+        ),
+    ] = False,
+    metadata: Annotated[
+        list[str] | None, typer.Option(help="key=value (repeatable).", show_default=False)
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = "none",
 ) -> None:
-    """Upload a JSONL file, start a batch, and (with --wait) write the results next to it."""
+    """Upload a JSONL file and start a batch; print its id."""
+    meta = _parse_metadata(metadata)
     client = _client(url, api_key)
-    meta = dict(item.split("=", 1) for item in metadata or [] if "=" in item) or None
-    with file.open("rb") as handle:
-        uploaded = _call(
-            url, lambda: client.files.create(file=(file.name, handle), purpose="batch")
-        )
-    batch = _call(
-        url,
-        lambda: client.batches.create(
+    with _server_errors(url):
+        with file.open("rb") as handle:  # the SDK streams an open file; it does not read() it
+            uploaded = client.files.create(file=(file.name, handle), purpose="batch")
+        batch = client.batches.create(
             input_file_id=uploaded.id,
             endpoint=endpoint or _infer_endpoint(file),  # type: ignore[arg-type]
             completion_window=window,  # type: ignore[arg-type]
             metadata=meta,
-        ),
-    )
-    print(batch.id)
-    if not wait:
-        return
-    batch = _wait(client, url, batch.id)
-    console.print(_counts_line(batch))
-    if batch.status == "failed":
-        for error in batch.errors.data if batch.errors else []:
-            where = f"line {error.line}: " if error.line else ""
-            console.print(f"  {where}{error.code}: {error.message}")
-        raise typer.Exit(2)
-    stem = file.with_suffix("")
-    with _server_errors(url):
+        )
+        print(batch.id, flush=True)
+        if not wait:
+            return
+        try:
+            batch = _follow(client, batch.id)
+        except KeyboardInterrupt:
+            err.print(f"stopped following; the batch keeps running: batchd status {batch.id}")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        err.print(_summary(batch), markup=False)
+        if batch.status == "failed":
+            for line in _error_lines(batch):
+                err.print("  " + line, markup=False)
+            raise typer.Exit(EXIT_BATCH_FAILED)
+        stem = file.name.removesuffix(".jsonl")
         for file_id, suffix in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
             if file_id:
-                target = stem.with_name(f"{stem.name}.{suffix}.jsonl")
-                _download(client, file_id, target)
-                console.print(f"wrote {target}")
+                target = file.with_name(f"{stem}.{suffix}.jsonl")
+                with target.open("wb") as out:
+                    _stream_file(client, file_id, out)
+                err.print(f"wrote {target}", markup=False)
+        if batch.usage is not None:
+            usage = batch.usage
+            err.print(
+                f"tokens: {usage.input_tokens} in, {usage.output_tokens} out, "
+                f"{usage.total_tokens} total"
+            )
     if batch.status != "completed":
-        raise typer.Exit(3)
+        raise typer.Exit(EXIT_BATCH_UNFINISHED)
+
+
+def _status_table(batch: Batch) -> Table:
+    completed, failed, total = _counts(batch)
+    table = Table(show_header=False, title=batch.id)
+    table.add_column(style="bold")
+    table.add_column()
+
+    def add_row(name: str, value: str) -> None:
+        table.add_row(name, Text(value))  # Text: server strings are not rich markup
+
+    add_row("status", batch.status)
+    add_row("endpoint", batch.endpoint)
+    if batch.model:
+        add_row("model", batch.model)
+    add_row("requests", f"{completed} completed / {failed} failed / {total} total")
+    if batch.usage is not None:
+        usage = batch.usage
+        add_row(
+            "tokens",
+            f"{usage.input_tokens} in "
+            f"({usage.input_tokens_details.cached_tokens} cached) / "
+            f"{usage.output_tokens} out / {usage.total_tokens} total",
+        )
+    add_row("input file", batch.input_file_id)
+    add_row("output file", batch.output_file_id or "-")
+    add_row("error file", batch.error_file_id or "-")
+    add_row("window", batch.completion_window)
+    for name in (
+        "created_at",
+        "in_progress_at",
+        "finalizing_at",
+        "completed_at",
+        "failed_at",
+        "cancelling_at",
+        "cancelled_at",
+        "expired_at",
+        "expires_at",
+    ):
+        stamp: int | None = getattr(batch, name)
+        if stamp is not None:
+            add_row(name.removesuffix("_at").replace("_", " "), _when(stamp))
+    if batch.metadata:
+        add_row("metadata", ", ".join(f"{k}={v}" for k, v in batch.metadata.items()))
+    for line in _error_lines(batch):
+        add_row("error", line)
+    return table
 
 
 def status(
-    batch_id: str,
+    batch_id: Annotated[str, typer.Argument(help="A batch id (batch_...).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw Batch object.")] = False,
-    url: UrlOption = "http://127.0.0.1:8000",
+    url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = "none",
 ) -> None:
-    """Show a batch: status, counts, usage, timestamps and files."""
-    batch = _call(url, lambda: _client(url, api_key).batches.retrieve(batch_id))
-    if as_json:
-        print(batch.model_dump_json(indent=2))
-        return
-    table = Table(show_header=False)
-    for key, value in batch.model_dump().items():
-        if value is not None:
-            table.add_row(key, json.dumps(value) if isinstance(value, dict | list) else str(value))
-    Console().print(table)
+    """Show a batch: status, counts, usage, timestamps and file ids."""
+    client = _client(url, api_key)
+    with _server_errors(url):
+        if as_json:
+            raw = client.batches.with_raw_response.retrieve(batch_id)
+            print(json.dumps(raw.http_response.json(), indent=2))
+            return
+        batch = client.batches.retrieve(batch_id)
+    _stdout().print(_status_table(batch))
 
 
 def results(
-    batch_id: str,
-    output: Annotated[Path | None, typer.Option("-o", "--output", help="Write here.")] = None,
+    batch_id: Annotated[str, typer.Argument(help="A batch id (batch_...).")],
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
+    ] = None,
     errors: Annotated[bool, typer.Option("--errors", help="The error file instead.")] = False,
-    url: UrlOption = "http://127.0.0.1:8000",
+    url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = "none",
 ) -> None:
     """Stream a batch's output file (or error file) to stdout or to -o."""
     client = _client(url, api_key)
-    batch = _call(url, lambda: client.batches.retrieve(batch_id))
-    file_id = batch.error_file_id if errors else batch.output_file_id
-    if not file_id:
-        console.print(
-            f"[red]error:[/] batch {batch_id} has no {'error' if errors else 'output'} file ({batch.status})"
-        )
-        raise typer.Exit(1)
     with _server_errors(url):
-        if output is not None:
-            _download(client, file_id, output)
+        batch = client.batches.retrieve(batch_id)
+        file_id = batch.error_file_id if errors else batch.output_file_id
+        if not file_id:
+            kind = "error" if errors else "output"
+            raise _fail(f"batch {batch_id} has no {kind} file (status {batch.status})")
+        if output is None:
+            _stream_file(client, file_id, sys.stdout.buffer)
+            sys.stdout.buffer.flush()
             return
-        with client.files.with_streaming_response.content(file_id) as response:
-            for chunk in response.iter_bytes():
-                sys.stdout.buffer.write(chunk)
-        sys.stdout.flush()
+        with output.open("wb") as out:
+            _stream_file(client, file_id, out)
 
 
 def cancel(
-    batch_id: str,
-    url: UrlOption = "http://127.0.0.1:8000",
+    batch_id: Annotated[str, typer.Argument(help="A batch id (batch_...).")],
+    url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = "none",
 ) -> None:
     """Cancel a batch: unfinished requests end as batch_cancelled, finished ones are kept."""
-    batch = _call(url, lambda: _client(url, api_key).batches.cancel(batch_id))
-    print(_counts_line(batch))
+    with _server_errors(url):
+        batch = _client(url, api_key).batches.cancel(batch_id)
+    print(_summary(batch))
 
 
 def ls(
-    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
-    url: UrlOption = "http://127.0.0.1:8000",
+    limit: Annotated[int, typer.Option(min=1, max=100, help="How many batches.")] = 20,
+    url: UrlOption = DEFAULT_URL,
     api_key: KeyOption = "none",
 ) -> None:
     """List recent batches, newest first."""
-    page = _call(url, lambda: _client(url, api_key).batches.list(limit=limit))
-    table = Table("id", "status", "completed", "failed", "total", "created")
+    with _server_errors(url):
+        page = _client(url, api_key).batches.list(limit=limit)
+    table = Table("id", "status", "completed", "failed", "total", "created", "endpoint")
     for batch in page.data:
-        counts = batch.request_counts
+        completed, failed, total = _counts(batch)
         table.add_row(
             batch.id,
             batch.status,
-            str(counts.completed if counts else 0),
-            str(counts.failed if counts else 0),
-            str(counts.total if counts else 0),
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(batch.created_at)),
+            str(completed),
+            str(failed),
+            str(total),
+            _when(batch.created_at),
+            batch.endpoint,
         )
-    Console(width=200).print(table)
+    _stdout().print(table)
 
 
 def register(app: typer.Typer) -> None:
