@@ -206,3 +206,27 @@ def test_shared_prefix_is_reported_and_changes_nothing(
         assert r.cached_tokens < r.prompt_tokens
     assert [r.text for r in shared] == [r.text for r in unshared]
     assert [r.prompt_tokens for r in shared] == [r.prompt_tokens for r in unshared]
+
+
+def test_realtime_sharing_a_prefix_with_paused_batch_work_does_not_wait_for_it(
+    harness: EngineHarness,
+) -> None:
+    # Batch sequences with a long shared prompt are mid-prefill when a realtime request with the
+    # same prefix arrives: batch work steps aside for it, so it must not wait on them as donors.
+    async def scenario() -> tuple[Any, list[Any]]:
+        batch = [
+            asyncio.create_task(
+                harness.engine.generate(chat(f"Question {i}?", 8, system=SYSTEM * 3))
+            )
+            for i in range(12)
+        ]
+        await asyncio.sleep(0.2)
+        realtime = await asyncio.wait_for(
+            harness.engine.generate(chat("Hi?", 4, system=SYSTEM * 3, priority=Priority.REALTIME)),
+            timeout=60,
+        )
+        return realtime, await asyncio.wait_for(asyncio.gather(*batch), timeout=120)
+
+    realtime, results = harness.run(scenario())
+    assert realtime.completion_tokens >= 1
+    assert len(results) == 12 and all(r.completion_tokens >= 1 for r in results)

@@ -266,7 +266,12 @@ class _ModelRunner:
         for other in self.active:
             if other.donor is not None:
                 continue
-            theirs = other.prompt if other.prefilling else other.tokens
+            if seq.realtime:
+                # Only KV already computed: a realtime newcomer must not wait for a batch
+                # sequence that steps aside while realtime work runs (that would deadlock).
+                theirs = other.tokens
+            else:
+                theirs = other.prompt if other.prefilling else other.tokens
             n = 0
             limit = min(len(theirs), len(prompt) - 1)  # always compute our last prompt token
             while n < limit and theirs[n] == prompt[n]:
