@@ -133,8 +133,8 @@ def get_batch(services: Services, tenant: str, batch_id: str, surface: str) -> B
 
 def cancel_batch(services: Services, tenant: str, batch_id: str, surface: str) -> BatchRecord:
     record = get_batch(services, tenant, batch_id, surface)
-    if record.status == BatchStatus.CANCELLING:
-        return record  # cancelling twice is harmless
+    if record.status in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
+        return record  # cancelling twice is harmless, however fast the first one finished
     if record.status not in (BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS):
         raise Conflict(
             f"Cannot cancel a batch with status '{record.status.value}'.", param="batch_id"
@@ -143,7 +143,7 @@ def cancel_batch(services: Services, tenant: str, batch_id: str, surface: str) -
         batch_id, [BatchStatus.VALIDATING, BatchStatus.IN_PROGRESS], BatchStatus.CANCELLING
     ):
         record = get_batch(services, tenant, batch_id, surface)
-        if record.status != BatchStatus.CANCELLING:
+        if record.status not in (BatchStatus.CANCELLING, BatchStatus.CANCELLED):
             raise Conflict(
                 f"Cannot cancel a batch with status '{record.status.value}'.", param="batch_id"
             )

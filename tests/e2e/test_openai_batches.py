@@ -245,9 +245,7 @@ def test_cancel_mid_run_keeps_finished_results(client: openai.OpenAI) -> None:
     assert counts.total == 48 and counts.completed == len(output)
     assert counts.completed + counts.failed == counts.total
 
-    with pytest.raises(openai.BadRequestError) as excinfo:
-        client.batches.cancel(batch.id)
-    assert "cancelled" in excinfo.value.message
+    assert client.batches.cancel(batch.id).status == "cancelled"  # still harmless once ended
 
 
 def test_create_batch_rejects_bad_parameters(client: openai.OpenAI) -> None:

@@ -204,6 +204,8 @@ class Scheduler:
         for batch_id in ids:
             if self._inflight_by_batch.get(batch_id) or batch_id in self._validating:
                 continue
+            if await asyncio.to_thread(self.store.has_unfinished, batch_id):
+                continue  # queued work left: not ready, and no need to count its rows
             await asyncio.get_running_loop().run_in_executor(
                 self._bulk, finalize_batch, self.store, self.blobs, batch_id
             )
