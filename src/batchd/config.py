@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     max_batch_lines: int = 50_000
     max_line_bytes: int = 10 * MIB
     max_validation_errors: int = 100  # errors.data entries kept per failed batch
+    # Anthropic Message Batches (Anthropic's defaults): requests per batch, and create-body size.
+    anthropic_max_batch_requests: int = 100_000
+    anthropic_max_body_bytes: int = 256 * MIB
 
     # Scheduling.
     lease_seconds: int = 60

@@ -77,7 +77,7 @@ def _read_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, b
         yield line_no, raw.rstrip(b"\r\n")
 
 
-def _prefix_key(model: str, body: dict[str, Any]) -> str:
+def prefix_key(model: str, body: dict[str, Any]) -> str:
     # Requests that share everything but their final turn (typically a system prompt and
     # few-shot examples) get the same key, so the scheduler can lease them together.
     messages = body.get("messages")
@@ -142,7 +142,7 @@ def _check_line(
         custom_id=custom_id,
         body=orjson.dumps(body),
         model=model,
-        prefix_key=_prefix_key(model, body),
+        prefix_key=prefix_key(model, body),
     )
     return request, None
 

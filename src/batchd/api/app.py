@@ -11,7 +11,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from fastapi import FastAPI, Request, Response
 
 from batchd import ids
-from batchd.api import errors, openai_batches, openai_files, realtime
+from batchd.api import (
+    anthropic_batches,
+    anthropic_messages,
+    errors,
+    openai_batches,
+    openai_files,
+    realtime,
+)
 from batchd.api.responses import JSONResponse
 from batchd.service import Services
 
@@ -60,4 +67,6 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(openai_files.router)
     app.include_router(openai_batches.router)
     app.include_router(realtime.router)
+    app.include_router(anthropic_batches.router)
+    app.include_router(anthropic_messages.router)
     return app

@@ -61,3 +61,7 @@ async def execute(engine: Engine, endpoint: str, body: bytes) -> RequestOutcome:
         )
         return RequestOutcome(RequestState.ERRORED, 400, orjson.dumps(error))
     return await executor(engine, endpoint, body)
+
+
+# Built-in surfaces beyond OpenAI register their executors exactly as an outside one would.
+import batchd.scheduler.anthropic_executor  # noqa: E402, F401

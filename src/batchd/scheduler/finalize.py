@@ -82,6 +82,15 @@ def finalize_batch(store: Store, blobs: BlobStore, batch_id: str) -> BatchStatus
     if batch is None or batch.status.terminal or batch.counts.unfinished:
         return None
     target = final_status(batch)
+    if batch.surface == "anthropic":
+        # Anthropic results are streamed from the rows on request: no files, just the end.
+        if not store.finalize(batch_id, [batch.status], target, [], None, None):
+            return None
+        log.info(
+            "batch finalized",
+            extra={"action": "batch_finalized", "batch_id": batch_id, "status": target.value},
+        )
+        return target
     from_status = batch.status
     if target == BatchStatus.COMPLETED and batch.status == BatchStatus.IN_PROGRESS:
         if not store.transition(batch_id, [BatchStatus.IN_PROGRESS], BatchStatus.FINALIZING):

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, and_, func, insert, select, text, update
 from batchd.ingest import RequestLine
 from batchd.store import schema
 from batchd.store.records import (
+    TERMINAL_BATCH_STATUSES,
     BatchRecord,
     BatchStatus,
     FileRecord,
@@ -119,24 +120,44 @@ class Store:
         return record
 
     def list_batches(
-        self, tenant: str, surface: str, *, after: str | None, limit: int
+        self, tenant: str, surface: str, *, after: str | None, limit: int, before: str | None = None
     ) -> tuple[list[BatchRecord], bool]:
+        """Newest first. ``after``: the page older than that id; ``before``: the page newer
+        than it (still newest first), with ``has_more`` meaning more newer ones exist."""
         t = schema.batches
         query = select(t).where(t.c.tenant == tenant, t.c.surface == surface)
         with self.engine.connect() as conn:
-            if after:
+            if after or before:
                 cursor = conn.execute(
-                    select(t.c.seq).where(t.c.id == after, t.c.tenant == tenant)
+                    select(t.c.seq).where(t.c.id == (after or before), t.c.tenant == tenant)
                 ).scalar()
                 if cursor is None:
                     return [], False
-                query = query.where(t.c.seq < cursor)
-            rows = conn.execute(query.order_by(t.c.seq.desc()).limit(limit + 1)).all()
-            records = [_batch_record(r) for r in rows[:limit]]
+                query = query.where(t.c.seq < cursor if after else t.c.seq > cursor)
+            if before and not after:
+                rows = conn.execute(query.order_by(t.c.seq.asc()).limit(limit + 1)).all()
+                page = list(reversed(rows[:limit]))
+            else:
+                rows = conn.execute(query.order_by(t.c.seq.desc()).limit(limit + 1)).all()
+                page = rows[:limit]
+            records = [_batch_record(r) for r in page]
             for record in records:
                 record.counts = self._counts(conn, record.id)
                 record.usage = self._usage(conn, record.id)
         return records, len(rows) > limit
+
+    def delete_batch(self, batch_id: str, tenant: str) -> bool:
+        """Remove an ended batch and its rows. False if it is unknown to ``tenant`` or has
+        not ended (the status is checked in the DELETE itself, so it cannot race a cancel)."""
+        t = schema.batches
+        terminal = [s.value for s in TERMINAL_BATCH_STATUSES]
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                t.delete().where(t.c.id == batch_id, t.c.tenant == tenant, t.c.status.in_(terminal))
+            ).rowcount
+            if changed:
+                conn.execute(schema.requests.delete().where(schema.requests.c.batch_id == batch_id))
+        return bool(changed)
 
     def transition(
         self,
@@ -338,6 +359,20 @@ class Store:
                     state=state.value, finished_at=now(), lease_owner=None, lease_expires_at=None
                 )
             ).rowcount
+
+    def has_unfinished(self, batch_id: str) -> bool:
+        """Cheap (one index probe): does any request of the batch still need to run?"""
+        r = schema.requests
+        unfinished = [RequestState.PENDING.value, RequestState.RUNNING.value]
+        with self.engine.connect() as conn:
+            return (
+                conn.execute(
+                    select(r.c.seq)
+                    .where(r.c.batch_id == batch_id, r.c.state.in_(unfinished))
+                    .limit(1)
+                ).first()
+                is not None
+            )
 
     def counts(self, batch_id: str) -> RequestCounts:
         with self.engine.connect() as conn:

@@ -1,0 +1,95 @@
+"""Anthropic Message Batches API: /v1/messages/batches.
+
+Errors on these paths take Anthropic's shape (``api/errors.py`` keys on the path). The same
+API keys and tenant isolation as the OpenAI surface apply; ``anthropic-version`` and
+``anthropic-beta`` are accepted and need no handling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+
+from batchd import message_batches, service
+from batchd.api.auth import Tenant
+from batchd.api.bodies import read_json
+from batchd.api.deps import ServicesDep
+from batchd.errors import InvalidRequest
+from batchd.protocol import anthropic as am
+from batchd.service import Services
+
+router = APIRouter()
+
+SURFACE = message_batches.SURFACE
+
+
+def _base_url(request: Request, services: Services) -> str:
+    return services.settings.public_url or str(request.base_url)
+
+
+@router.post("/v1/messages/batches")
+async def create_message_batch(
+    request: Request, tenant: Tenant, services: ServicesDep
+) -> dict[str, Any]:
+    body = await read_json(request, services.settings.anthropic_max_body_bytes)
+    record = await asyncio.to_thread(message_batches.create_message_batch, services, tenant, body)
+    services.scheduler.wake()  # on the loop thread: the wake event is not thread-safe
+    return am.message_batch_object(record, _base_url(request, services))
+
+
+@router.get("/v1/messages/batches")
+def list_message_batches(
+    request: Request,
+    tenant: Tenant,
+    services: ServicesDep,
+    before_id: str | None = None,
+    after_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> dict[str, Any]:
+    if before_id and after_id:
+        raise InvalidRequest("Only one of before_id and after_id may be given.", param="before_id")
+    records, has_more = services.store.list_batches(
+        tenant, SURFACE, after=after_id, before=before_id, limit=limit
+    )
+    base_url = _base_url(request, services)
+    return am.list_object([am.message_batch_object(r, base_url) for r in records], has_more)
+
+
+@router.get("/v1/messages/batches/{message_batch_id}")
+def retrieve_message_batch(
+    message_batch_id: str, request: Request, tenant: Tenant, services: ServicesDep
+) -> dict[str, Any]:
+    record = service.get_batch(services, tenant, message_batch_id, SURFACE)
+    return am.message_batch_object(record, _base_url(request, services))
+
+
+@router.post("/v1/messages/batches/{message_batch_id}/cancel")
+async def cancel_message_batch(
+    message_batch_id: str, request: Request, tenant: Tenant, services: ServicesDep
+) -> dict[str, Any]:
+    # Async on purpose: cancel wakes the scheduler, which must happen on the event loop.
+    record = message_batches.cancel_message_batch(services, tenant, message_batch_id)
+    return am.message_batch_object(record, _base_url(request, services))
+
+
+@router.delete("/v1/messages/batches/{message_batch_id}")
+def delete_message_batch(
+    message_batch_id: str, tenant: Tenant, services: ServicesDep
+) -> dict[str, Any]:
+    message_batches.delete_message_batch(services, tenant, message_batch_id)
+    return am.deleted_object(message_batch_id)
+
+
+@router.get("/v1/messages/batches/{message_batch_id}/results")
+def message_batch_results(
+    message_batch_id: str, tenant: Tenant, services: ServicesDep
+) -> StreamingResponse:
+    record = message_batches.results_batch(services, tenant, message_batch_id)
+    return StreamingResponse(
+        message_batches.iter_results(services, record.id),
+        media_type="application/x-jsonl",
+        headers={"content-disposition": f'attachment; filename="{record.id}_results.jsonl"'},
+    )

@@ -1,0 +1,38 @@
+"""The executor for Anthropic batch requests (endpoint ``/v1/messages``).
+
+It registers itself in ``execute.EXECUTORS`` as any surface would. The stored result is the
+full Anthropic ``message`` for a success, and a full ``ErrorResponse`` for a request only
+execution can judge wrong (its params, its model, its context length); siblings are unaffected.
+"""
+
+from __future__ import annotations
+
+import orjson
+
+from batchd.engines.base import Engine, Priority
+from batchd.errors import BatchdError
+from batchd.protocol import anthropic as am
+from batchd.scheduler.execute import EXECUTORS, resolve
+from batchd.store.records import RequestOutcome, RequestState
+
+
+async def execute_message(engine: Engine, endpoint: str, body: bytes) -> RequestOutcome:
+    try:
+        params = am.parse_params(orjson.loads(body), in_batch=True)
+        generation = resolve(engine, params.to_generation(Priority.BATCH))
+        result = await engine.generate(generation)
+    except BatchdError as exc:
+        error = am.error_body(exc.anthropic_type, exc.message)
+        return RequestOutcome(RequestState.ERRORED, exc.status_code, orjson.dumps(error))
+    message = am.message_body(params.model, result, service_tier="batch")
+    return RequestOutcome(
+        RequestState.SUCCEEDED,
+        200,
+        orjson.dumps(message),
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=message["usage"]["output_tokens"],
+        cached_tokens=result.cached_tokens,
+    )
+
+
+EXECUTORS[am.MESSAGES_ENDPOINT] = execute_message
