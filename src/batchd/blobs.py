@@ -7,6 +7,7 @@ points at a partial file. Client filenames are metadata only and never touch the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -67,10 +68,13 @@ class BlobWriter:
         self._tmp = store.root / f"{_TMP_PREFIX}{self.name}"
         self._handle: IO[bytes] = self._tmp.open("wb")
         self.size = 0
+        # Hashed on the way in (the bytes are never read twice): idempotent uploads compare it.
+        self.sha256 = hashlib.sha256()
 
     def write(self, data: bytes) -> None:
         self._handle.write(data)
         self.size += len(data)
+        self.sha256.update(data)
 
     def commit(self) -> str:
         self._handle.flush()

@@ -50,9 +50,27 @@ def serve(
     ctx_size: Annotated[
         int, typer.Option(envvar="BATCHD_CTX_SIZE", help="Total KV cache cells [BATCHD_CTX_SIZE].")
     ] = 65536,
+    keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="BATCHD_KEYS_FILE",
+            help="API keys, one '<key> <tenant-name>' per line; re-read on SIGHUP "
+            "[BATCHD_KEYS_FILE]. Keys can also come from BATCHD_API_KEYS (comma-separated).",
+        ),
+    ] = None,
+    insecure_no_auth: Annotated[
+        bool,
+        typer.Option(
+            "--insecure-no-auth",
+            envvar="BATCHD_INSECURE_NO_AUTH",
+            help="Allow a non-loopback --host with no API keys [BATCHD_INSECURE_NO_AUTH].",
+        ),
+    ] = False,
 ) -> None:
     """Run the HTTP API, the scheduler and the embedded engine in one process."""
+    from batchd.api.keyring import KeysFileError
     from batchd.config import Settings
+    from batchd.errors import BatchdError
     from batchd.server import serve as run_server
 
     overrides: dict[str, object] = {
@@ -62,11 +80,17 @@ def serve(
         "quant": quant,
         "max_seqs": max_seqs,
         "ctx_size": ctx_size,
+        "keys_file": keys_file,
+        "insecure_no_auth": insecure_no_auth,
     }
     if model:
         overrides["models"] = model
     settings = Settings(**overrides)  # type: ignore[arg-type]
-    run_server(settings)
+    try:
+        run_server(settings)
+    except (BatchdError, KeysFileError) as exc:
+        typer.echo(f"batchd: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 cli_client.register(app)

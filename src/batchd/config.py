@@ -24,6 +24,10 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./batchd-data")
     # Comma-separated. Empty: every request is accepted (and the server says so loudly).
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # One '<key> <tenant-name>' per line; several keys may share a tenant. Re-read on SIGHUP.
+    keys_file: Path | None = None
+    # Serving on a non-loopback address with no keys is refused unless this is set.
+    insecure_no_auth: bool = False
     public_url: str | None = None  # base URL clients reach us on (Anthropic results_url)
 
     # Embedded engine.
@@ -43,6 +47,20 @@ class Settings(BaseSettings):
     # Anthropic Message Batches (Anthropic's defaults): requests per batch, and create-body size.
     anthropic_max_batch_requests: int = 100_000
     anthropic_max_body_bytes: int = 256 * MIB
+
+    # Per-tenant admission (429 with Retry-After beyond them): batches not yet ended, and
+    # requests queued or running across them. One tenant cannot fill the queue for all.
+    max_active_batches_per_tenant: int = 100
+    max_queued_requests_per_tenant: int = 1_000_000
+    # JSON bodies nested deeper than this are refused (no chat or batch body needs more).
+    max_json_depth: int = 64
+
+    # Retention (see retention.py): how often it runs, and how long ended batches keep their
+    # prompts and results (OpenAI: after ending, like the 30-day result files; Anthropic:
+    # after creation, 29 days like Anthropic's results).
+    retention_interval_seconds: float = 3600
+    batch_data_retention_seconds: int = 30 * 24 * 3600
+    anthropic_results_retention_seconds: int = 29 * 24 * 3600
 
     # Scheduling.
     lease_seconds: int = 60
@@ -67,4 +85,4 @@ class Settings(BaseSettings):
 
     @property
     def auth_enabled(self) -> bool:
-        return bool(self.api_keys)
+        return bool(self.api_keys) or self.keys_file is not None

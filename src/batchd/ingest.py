@@ -137,13 +137,18 @@ def _check_line(
         return None, LineError(
             "invalid_request", "'body.model' must be a non-empty string.", line_no, "body.model"
         )
-    request = RequestLine(
-        line_no=line_no,
-        custom_id=custom_id,
-        body=orjson.dumps(body),
-        model=model,
-        prefix_key=prefix_key(model, body),
-    )
+    try:
+        request = RequestLine(
+            line_no=line_no,
+            custom_id=custom_id,
+            body=orjson.dumps(body),
+            model=model,
+            prefix_key=prefix_key(model, body),
+        )
+    except orjson.JSONEncodeError:
+        # orjson parses 1,024 levels of nesting but serializes only 254: a body between the
+        # two would otherwise crash validation (and be retried forever).
+        return None, LineError("invalid_request", "'body' is nested too deeply.", line_no, "body")
     return request, None
 
 

@@ -20,7 +20,7 @@ from batchd import ids
 from batchd.errors import Conflict, InvalidRequest, NotFound
 from batchd.ingest import RequestLine, prefix_key
 from batchd.protocol import anthropic as am
-from batchd.service import Services, cancel_batch, get_batch
+from batchd.service import Services, cancel_batch, check_tenant_capacity, get_batch
 from batchd.store.records import FINAL_REQUEST_STATES, BatchRecord, BatchStatus
 from batchd.store.store import now
 
@@ -106,6 +106,7 @@ def create_message_batch(services: Services, tenant: str, body: Any) -> BatchRec
     which nothing reads.
     """
     requests = _checked_requests(body, services.settings.anthropic_max_batch_requests)
+    check_tenant_capacity(services, tenant, len(requests))
     store = services.store
     batch_id = ids.message_batch_id()
     models: dict[str, None] = {}
@@ -181,6 +182,13 @@ def results_batch(services: Services, tenant: str, batch_id: str) -> BatchRecord
             f"Message batch {batch_id} is still "
             f"{am.processing_status(record.status.value)}; its results are available once "
             "processing has ended.",
+            param="message_batch_id",
+        )
+    if record.archived_at is not None:
+        raise NotFound(
+            f"The results of message batch {batch_id} were archived (results are kept for "
+            f"{services.settings.anthropic_results_retention_seconds // 86400} days after "
+            "creation) and are no longer available.",
             param="message_batch_id",
         )
     return record

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import logging
 import os
 from typing import IO
@@ -24,6 +25,19 @@ log = logging.getLogger("batchd")
 
 class DataDirLocked(BatchdError):
     pass
+
+
+class InsecureBind(BatchdError):
+    pass
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a hostname or a wildcard like '0.0.0.0' / '::' may be reachable
 
 
 def lock_data_dir(settings: Settings) -> IO[str]:
@@ -56,11 +70,18 @@ def serve(settings: Settings) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    exposed = not is_loopback(settings.host)
+    if exposed and not settings.auth_enabled and not settings.insecure_no_auth:
+        raise InsecureBind(
+            f"refusing to serve {settings.host} with no API keys: anyone who can reach it "
+            "could read every batch. Set BATCHD_API_KEYS or --keys-file, bind 127.0.0.1, "
+            "or pass --insecure-no-auth if this network is trusted."
+        )
     lock = lock_data_dir(settings)
     if not settings.auth_enabled:
         log.warning(
             "NO API KEYS CONFIGURED: every request is accepted and shares one tenant. "
-            "Set BATCHD_API_KEYS (comma-separated) before exposing this server."
+            "Set BATCHD_API_KEYS (comma-separated) or --keys-file before exposing this server."
         )
     services = build_services(settings)
     app = create_app(services)

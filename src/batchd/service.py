@@ -11,7 +11,7 @@ from batchd import ids
 from batchd.blobs import BlobStore
 from batchd.config import Settings
 from batchd.engines.base import Engine
-from batchd.errors import Conflict, InvalidRequest, NotFound
+from batchd.errors import Conflict, InvalidRequest, LimitExceeded, NotFound
 from batchd.protocol import openai as oa
 from batchd.scheduler.runner import Scheduler
 from batchd.store.records import BatchRecord, BatchStatus, FileRecord
@@ -63,6 +63,35 @@ def delete_file(services: Services, tenant: str, file_id: str) -> FileRecord:
     return record
 
 
+def check_tenant_capacity(services: Services, tenant: str, adding_requests: int = 0) -> None:
+    """Refuse a new batch while the tenant is at its limits (429, with a Retry-After).
+
+    A soft gate: two creates racing each other may both pass; the limits bound a tenant's
+    share of the queue, they are not a quota ledger. An OpenAI batch's size is unknown until
+    its file is validated, so it is admitted while the tenant's queue is below the limit.
+    """
+    settings = services.settings
+    active, queued = services.store.tenant_load(tenant)
+    if active >= settings.max_active_batches_per_tenant:
+        raise LimitExceeded(
+            f"Too many batches in progress: this key has {active} batches that have not "
+            f"ended; the limit is {settings.max_active_batches_per_tenant}. Retry once some "
+            "have ended.",
+            retry_after=60,
+            param="max_active_batches_per_tenant",
+        )
+    if queued + adding_requests > settings.max_queued_requests_per_tenant or (
+        adding_requests == 0 and queued >= settings.max_queued_requests_per_tenant
+    ):
+        raise LimitExceeded(
+            f"Too many queued requests: this key has {queued} requests waiting or running"
+            + (f" and this batch adds {adding_requests}" if adding_requests else "")
+            + f"; the limit is {settings.max_queued_requests_per_tenant}.",
+            retry_after=60,
+            param="max_queued_requests_per_tenant",
+        )
+
+
 def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchRecord:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
@@ -102,6 +131,7 @@ def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchReco
             f"File {input_file_id} has purpose {file.purpose!r}; a batch needs purpose 'batch'.",
             param="input_file_id",
         )
+    check_tenant_capacity(services, tenant)
     created = now()
     batch_id = ids.batch_id()
     services.store.create_batch(

@@ -13,13 +13,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from batchd import message_batches, service
+from batchd import idempotency, message_batches, service
+from batchd.api import openapi_bodies
 from batchd.api.auth import Tenant
 from batchd.api.bodies import read_json
 from batchd.api.deps import ServicesDep
 from batchd.errors import InvalidRequest
 from batchd.protocol import anthropic as am
 from batchd.service import Services
+from batchd.store.records import BatchRecord
 
 router = APIRouter()
 
@@ -30,12 +32,26 @@ def _base_url(request: Request, services: Services) -> str:
     return services.settings.public_url or str(request.base_url)
 
 
-@router.post("/v1/messages/batches")
+@router.post("/v1/messages/batches", openapi_extra=openapi_bodies.CREATE_MESSAGE_BATCH)
 async def create_message_batch(
     request: Request, tenant: Tenant, services: ServicesDep
 ) -> dict[str, Any]:
+    key = idempotency.key_of(request)
     body = await read_json(request, services.settings.anthropic_max_body_bytes)
-    record = await asyncio.to_thread(message_batches.create_message_batch, services, tenant, body)
+
+    def create_once() -> BatchRecord:  # in a thread: hashing and inserting a big body is slow
+        return idempotency.create_once(
+            services.store,
+            tenant=tenant,
+            scope=idempotency.SCOPE_MESSAGE_BATCHES,
+            key=key,
+            fingerprint=idempotency.fingerprint_json(body) if key else "",
+            create=lambda: message_batches.create_message_batch(services, tenant, body),
+            fetch=lambda batch_id: service.get_batch(services, tenant, batch_id, SURFACE),
+            object_id=lambda made: made.id,
+        )
+
+    record = await asyncio.to_thread(create_once)
     services.scheduler.wake()  # on the loop thread: the wake event is not thread-safe
     return am.message_batch_object(record, _base_url(request, services))
 

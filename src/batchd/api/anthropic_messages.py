@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from batchd import ids
+from batchd.api import openapi_bodies
 from batchd.api.auth import Tenant
 from batchd.api.bodies import read_json
 from batchd.api.deps import ServicesDep
@@ -116,7 +117,7 @@ async def _events(
         await _aclose(rest)
 
 
-@router.post("/v1/messages")
+@router.post("/v1/messages", openapi_extra=openapi_bodies.CREATE_MESSAGE)
 async def create_message(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
     body = await read_json(request, MAX_MESSAGES_BODY_BYTES)
     params = am.parse_params(body, in_batch=False)

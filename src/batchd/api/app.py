@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
 
-from batchd import ids
+from batchd import ids, retention
 from batchd.api import (
     anthropic_batches,
     anthropic_messages,
@@ -19,6 +20,8 @@ from batchd.api import (
     openai_files,
     realtime,
 )
+from batchd.api.auth import AuthMiddleware
+from batchd.api.keyring import KeyRing
 from batchd.api.responses import JSONResponse
 from batchd.service import Services
 
@@ -26,16 +29,28 @@ log = logging.getLogger(__name__)
 
 
 def create_app(services: Services) -> FastAPI:
+    settings = services.settings
+    # Built here, before serving, so a bad keys file stops start-up with its line named.
+    keyring = KeyRing(settings.api_keys, settings.keys_file)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.keys_file is not None:
+            # SIGHUP re-reads the keys file: rotate keys without dropping in-flight work.
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keyring.reload)
         await services.engine.start()
         await services.scheduler.recover()
         scheduler_task = asyncio.create_task(services.scheduler.run())
+        retention_task = asyncio.create_task(
+            retention.run_forever(services.store, services.blobs, settings)
+        )
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
+            retention_task.cancel()
             await services.scheduler.stop()
             scheduler_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -48,8 +63,10 @@ def create_app(services: Services) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
+    app.state.keyring = keyring
     app.state.ready = False
     errors.install(app)
+    app.add_middleware(AuthMiddleware, keyring=keyring)
 
     @app.middleware("http")
     async def request_id_header(
@@ -59,7 +76,7 @@ def create_app(services: Services) -> FastAPI:
         response.headers.setdefault("x-request-id", ids.request_id())
         return response
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.api_route("/healthz", methods=["GET", "HEAD"], include_in_schema=False)
     def healthz() -> JSONResponse:
         ready = bool(app.state.ready)
         return JSONResponse({"status": "ok" if ready else "starting"}, 200 if ready else 503)

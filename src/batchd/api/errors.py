@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -29,7 +30,8 @@ _ANTHROPIC_HTTP_TYPES = {
 
 
 def is_anthropic(request: Request) -> bool:
-    return request.url.path.rstrip("/").startswith("/v1/messages")
+    # Collapse repeated slashes: '//v1/messages' must still get Anthropic's error shape.
+    return re.sub("/+", "/", request.url.path).startswith("/v1/messages")
 
 
 def error_response(

@@ -7,8 +7,10 @@ from typing import Annotated, Any
 import orjson
 from fastapi import APIRouter, Query, Request
 
-from batchd import service
+from batchd import idempotency, service
+from batchd.api import openapi_bodies
 from batchd.api.auth import Tenant
+from batchd.api.bodies import check_depth, depth_limit
 from batchd.api.deps import ServicesDep
 from batchd.errors import InvalidRequest
 from batchd.protocol import openai as oa
@@ -23,15 +25,26 @@ async def _json_body(request: Request) -> Any:
     if len(raw) > MAX_CREATE_BODY_BYTES:
         raise InvalidRequest("The request body is too large.", param="body")
     try:
-        return orjson.loads(raw)
+        return check_depth(orjson.loads(raw), depth_limit(request))
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.", param="body") from None
 
 
-@router.post("/v1/batches")
+@router.post("/v1/batches", openapi_extra=openapi_bodies.CREATE_BATCH)
 async def create_batch(request: Request, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
+    key = idempotency.key_of(request)
     body = await _json_body(request)
-    return oa.batch_object(service.create_openai_batch(services, tenant, body))
+    record = idempotency.create_once(
+        services.store,
+        tenant=tenant,
+        scope=idempotency.SCOPE_BATCHES,
+        key=key,
+        fingerprint=idempotency.fingerprint_json(body),
+        create=lambda: service.create_openai_batch(services, tenant, body),
+        fetch=lambda batch_id: service.get_batch(services, tenant, batch_id, "openai"),
+        object_id=lambda made: made.id,
+    )
+    return oa.batch_object(record)
 
 
 @router.get("/v1/batches")

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from batchd import service
+from batchd import idempotency, service
+from batchd.api import openapi_bodies
 from batchd.api.auth import Tenant
 from batchd.api.deps import ServicesDep
 from batchd.api.multipart_upload import parse_upload
@@ -19,8 +20,9 @@ router = APIRouter()
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
 
-@router.post("/v1/files")
+@router.post("/v1/files", openapi_extra=openapi_bodies.upload_body(UPLOAD_PURPOSES))
 async def upload_file(request: Request, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
+    key = idempotency.key_of(request)  # a bad header is refused before the upload is read
     upload = await parse_upload(request, services.blobs, services.settings.max_upload_bytes)
     try:
         purpose = upload.fields.get("purpose")
@@ -47,15 +49,31 @@ async def upload_file(request: Request, tenant: Tenant, services: ServicesDep) -
         if upload.blob.size == 0:
             raise InvalidRequest("The uploaded file is empty.", param="file", code="empty_file")
         size = upload.blob.size
+        digest = upload.blob.sha256.hexdigest()
         blob = upload.blob.commit()
     except BaseException:
         upload.abort()
         raise
     # Only the last path component of the client's name is kept, and only as metadata.
     display_name = filename.replace("\\", "/").rsplit("/", 1)[-1][:255] or "upload.jsonl"
-    record = service.register_upload(
-        services, tenant, filename=display_name, purpose=purpose, blob=blob, size=size
-    )
+    try:
+        record = idempotency.create_once(
+            services.store,
+            tenant=tenant,
+            scope=idempotency.SCOPE_FILES,
+            key=key,
+            fingerprint=idempotency.fingerprint_upload(purpose, display_name, digest),
+            create=lambda: service.register_upload(
+                services, tenant, filename=display_name, purpose=purpose, blob=blob, size=size
+            ),
+            fetch=lambda file_id: service.get_file(services, tenant, file_id),
+            object_id=lambda made: made.id,
+        )
+    except BaseException:
+        services.blobs.delete(blob)  # nothing points at it
+        raise
+    if record.blob != blob:  # a repeat of an earlier upload: keep the first copy only
+        services.blobs.delete(blob)
     return oa.file_object(record)
 
 

@@ -14,7 +14,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from batchd import ids
+from batchd.api import openapi_bodies
 from batchd.api.auth import Tenant
+from batchd.api.bodies import check_depth, depth_limit
 from batchd.api.deps import ServicesDep
 from batchd.engines.base import Engine, GenerationRequest, Priority
 from batchd.errors import InvalidRequest
@@ -31,7 +33,7 @@ async def _parse(request: Request, endpoint: str, engine: Engine) -> tuple[Any, 
     if len(raw) > MAX_REALTIME_BODY_BYTES:
         raise InvalidRequest("The request body is too large.", param="body")
     try:
-        body = orjson.loads(raw)
+        body = check_depth(orjson.loads(raw), depth_limit(request))
     except orjson.JSONDecodeError:
         raise InvalidRequest("The request body is not valid JSON.", param="body") from None
     parsed = oa.parse_body(endpoint, body)
@@ -94,12 +96,12 @@ async def _handle(request: Request, endpoint: str, engine: Engine) -> Any:
     return oa.response_body(endpoint, parsed.model, result)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", openapi_extra=openapi_bodies.CHAT_COMPLETION)
 async def chat_completions(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
     return await _handle(request, "/v1/chat/completions", services.engine)
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", openapi_extra=openapi_bodies.COMPLETION)
 async def completions(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
     return await _handle(request, "/v1/completions", services.engine)
 

@@ -299,10 +299,12 @@ def message_batch_object(record: Any, base_url: str) -> dict[str, Any]:
         "ended_at": timestamp(ended_at) if ended else None,
         "created_at": timestamp(record.created_at),
         "expires_at": timestamp(record.expires_at),
-        "archived_at": None,
+        "archived_at": timestamp(record.archived_at),
         "cancel_initiated_at": timestamp(record.cancelling_at),
         "results_url": (
-            f"{base_url.rstrip('/')}/v1/messages/batches/{record.id}/results" if ended else None
+            f"{base_url.rstrip('/')}/v1/messages/batches/{record.id}/results"
+            if ended and record.archived_at is None
+            else None
         ),
     }
 

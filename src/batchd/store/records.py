@@ -111,6 +111,7 @@ class BatchRecord:
     expired_at: int | None
     cancelling_at: int | None
     cancelled_at: int | None
+    archived_at: int | None = None
     counts: RequestCounts = field(default_factory=RequestCounts)
     usage: Usage = field(default_factory=Usage)
 
@@ -143,3 +144,12 @@ class FinishedRow:
     state: RequestState
     status_code: int | None
     result: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyClaim:
+    """An earlier request that used the same idempotency key."""
+
+    fingerprint: str
+    object_id: str | None  # None: that request has not finished creating its object
+    created_at: int

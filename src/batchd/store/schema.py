@@ -62,6 +62,8 @@ batches = Table(
     Column("expired_at", BigInteger, nullable=True),
     Column("cancelling_at", BigInteger, nullable=True),
     Column("cancelled_at", BigInteger, nullable=True),
+    # Set by retention once the rows' bodies and results are dropped (Anthropic: archived_at).
+    Column("archived_at", BigInteger, nullable=True),
     Index("ix_batches_tenant_seq", "tenant", "seq"),
     Index("ix_batches_status", "status"),
 )
@@ -90,4 +92,15 @@ requests = Table(
     Index("ix_requests_batch_state", "batch_id", "state"),
     Index("ix_requests_batch_line", "batch_id", "line_no"),
     Index("ix_requests_state_prefix", "state", "prefix_key"),
+)
+
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("scope", String(32), primary_key=True),  # which create: "files", "batches", ...
+    Column("key", String(255), primary_key=True),
+    Column("fingerprint", String(64), nullable=False),  # sha256 of the request's content
+    Column("object_id", String(64), nullable=True),  # None while the first request runs
+    Column("created_at", BigInteger, nullable=False),
 )

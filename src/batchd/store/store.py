@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Engine, and_, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
 
 from batchd.ingest import RequestLine
 from batchd.store import schema
@@ -22,6 +23,7 @@ from batchd.store.records import (
     BatchStatus,
     FileRecord,
     FinishedRow,
+    IdempotencyClaim,
     LeasedRequest,
     RequestCounts,
     RequestOutcome,
@@ -360,6 +362,146 @@ class Store:
                 )
             ).rowcount
 
+    def tenant_load(self, tenant: str) -> tuple[int, int]:
+        """(batches not yet ended, requests still queued or running) of one tenant, for the
+        per-tenant admission limits."""
+        b, r = schema.batches, schema.requests
+        terminal = [s.value for s in TERMINAL_BATCH_STATUSES]
+        unfinished = [RequestState.PENDING.value, RequestState.RUNNING.value]
+        with self.engine.connect() as conn:
+            active = [
+                row.id
+                for row in conn.execute(
+                    select(b.c.id).where(b.c.tenant == tenant, b.c.status.not_in(terminal))
+                )
+            ]
+            queued = 0
+            if active:
+                queued = conn.execute(
+                    select(func.count())
+                    .select_from(r)
+                    .where(r.c.batch_id.in_(active), r.c.state.in_(unfinished))
+                ).scalar_one()
+        return len(active), int(queued)
+
+    # ------------------------------------------------------------------- retention
+
+    def expired_files(self, at: int, limit: int = 500) -> list[FileRecord]:
+        """Files past ``expires_at``, except the input file of a batch that has not ended."""
+        f, b = schema.files, schema.batches
+        terminal = [s.value for s in TERMINAL_BATCH_STATUSES]
+        in_use = select(b.c.input_file_id).where(
+            b.c.input_file_id.is_not(None), b.c.status.not_in(terminal)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(f)
+                .where(f.c.expires_at.is_not(None), f.c.expires_at <= at, f.c.id.not_in(in_use))
+                .order_by(f.c.seq)
+                .limit(limit)
+            ).all()
+        return [_file_record(r) for r in rows]
+
+    def remove_file(self, file_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(schema.files.delete().where(schema.files.c.id == file_id))
+
+    def batches_to_archive(
+        self, at: int, *, openai_after_end: int, anthropic_after_creation: int, limit: int = 100
+    ) -> list[str]:
+        """Ended, not yet archived batches whose retention has run out: OpenAI's a while after
+        they ended, Anthropic's a while after creation (its results live 29 days)."""
+        b = schema.batches
+        terminal = [s.value for s in TERMINAL_BATCH_STATUSES]
+        ended = func.coalesce(b.c.completed_at, b.c.failed_at, b.c.expired_at, b.c.cancelled_at)
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(b.c.id)
+                    .where(
+                        b.c.status.in_(terminal),
+                        b.c.archived_at.is_(None),
+                        ((b.c.surface == "openai") & (ended + openai_after_end <= at))
+                        | (
+                            (b.c.surface == "anthropic")
+                            & (b.c.created_at + anthropic_after_creation <= at)
+                        ),
+                    )
+                    .order_by(b.c.seq)
+                    .limit(limit)
+                ).scalars()
+            )
+
+    def archive_batch(self, batch_id: str, at: int) -> bool:
+        """Drop the prompts and results of an ended batch, keeping each row's state (the
+        counts are derived from it). Only an ended batch: the status is checked in the same
+        transaction."""
+        b, r = schema.batches, schema.requests
+        terminal = [s.value for s in TERMINAL_BATCH_STATUSES]
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(b)
+                .where(b.c.id == batch_id, b.c.status.in_(terminal), b.c.archived_at.is_(None))
+                .values(archived_at=at)
+            ).rowcount
+            if changed:
+                conn.execute(
+                    update(r).where(r.c.batch_id == batch_id).values(body=b"", result=None)
+                )
+        return bool(changed)
+
+    # ------------------------------------------------------------ idempotency keys
+
+    def claim_idempotency_key(
+        self, tenant: str, scope: str, key: str, fingerprint: str, ttl_seconds: int
+    ) -> IdempotencyClaim | None:
+        """Claim ``key`` for a new create; None if claimed now. Otherwise the earlier claim
+        (a key older than ``ttl_seconds`` is forgotten and can be claimed afresh). The
+        primary key decides races: of two concurrent claims, exactly one inserts."""
+        t = schema.idempotency_keys
+        where = and_(t.c.tenant == tenant, t.c.scope == scope, t.c.key == key)
+        created = now()
+        with self.engine.begin() as conn:
+            conn.execute(t.delete().where(where, t.c.created_at < created - ttl_seconds))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    insert(t).values(
+                        tenant=tenant,
+                        scope=scope,
+                        key=key,
+                        fingerprint=fingerprint,
+                        object_id=None,
+                        created_at=created,
+                    )
+                )
+            return None
+        except IntegrityError:
+            pass
+        with self.engine.connect() as conn:
+            row = conn.execute(select(t).where(where)).first()
+        if row is None:  # released between our insert and this read: the caller may retry
+            return IdempotencyClaim(fingerprint="", object_id=None, created_at=created)
+        return IdempotencyClaim(row.fingerprint, row.object_id, row.created_at)
+
+    def settle_idempotency_key(
+        self, tenant: str, scope: str, key: str, object_id: str | None
+    ) -> None:
+        """Record the object the claim created, or (``None``) release a claim whose create
+        failed, so that the client's retry with the same key can run."""
+        t = schema.idempotency_keys
+        where = and_(t.c.tenant == tenant, t.c.scope == scope, t.c.key == key)
+        with self.engine.begin() as conn:
+            if object_id is None:
+                conn.execute(t.delete().where(where, t.c.object_id.is_(None)))
+            else:
+                conn.execute(update(t).where(where).values(object_id=object_id))
+
+    def purge_idempotency_keys(self, older_than: int) -> int:
+        t = schema.idempotency_keys
+        with self.engine.begin() as conn:
+            return int(conn.execute(t.delete().where(t.c.created_at < older_than)).rowcount)
+
     def has_unfinished(self, batch_id: str) -> bool:
         """Cheap (one index probe): does any request of the batch still need to run?"""
         r = schema.requests
@@ -474,4 +616,5 @@ def _batch_record(row: Any) -> BatchRecord:
         expired_at=row.expired_at,
         cancelling_at=row.cancelling_at,
         cancelled_at=row.cancelled_at,
+        archived_at=row.archived_at,
     )

@@ -1,0 +1,250 @@
+"""Polling load vs engine throughput: many clients polling while a batch runs.
+
+One server (bundled model, embedded engine, default settings), two arms measured side by
+side and alternated after a warm-up batch, so that drift on the machine hits both alike:
+
+  alone    a batch of --n chat requests; only the submitter polls it (every 50 ms)
+  loaded   the same batch while --clients concurrent clients (asyncio + httpx, one
+           connection each) poll it: GET /v1/batches/{id} every --interval seconds, and
+           GET /v1/batches instead on every --list-every'th poll
+
+Reported: p50/p99 latency of retrieve and of list under the load (and of the lone poller's
+retrieves for reference), the request rate the clients achieved, the batch's completion
+tokens/s in each arm (from create to the poll that sees it completed), and the ratio
+loaded/alone. The issue's target: the polling load costs the batch less than 10% of its
+throughput (ratio >= 0.90). The clients run in this process, on the same cores as the server,
+as they would on a single machine.
+
+Run: .venv/bin/python bench/load.py [--clients 200] [--n 128] [--rounds 2] [--interval 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+
+from _harness import machine, percentile, server, small_chat_workload
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+API_KEY = "bench"  # the bench server runs without keys; any key is accepted
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+SUBMITTER_POLL_SECONDS = 0.05
+
+
+class PollingLoad:
+    """Concurrent clients on their own event loop in a background thread."""
+
+    def __init__(self, url: str, clients: int, interval: float, list_every: int) -> None:
+        self.url = url
+        self.clients = clients
+        self.interval = interval
+        self.list_every = list_every
+        self.target = ""  # the batch id the clients retrieve; swapped while they run
+        self.recording = False
+        self.latencies: dict[str, list[float]] = {"retrieve": [], "list": []}
+        self.errors = 0
+        self.started = threading.Event()
+        self._stopping = False
+        self._ready = 0
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main()), daemon=True)
+
+    def start(self, target: str) -> None:
+        self.target = target
+        self._thread.start()
+        # Every client connected and polling before the measured window opens.
+        if not self.started.wait(timeout=60 + self.interval):
+            raise RuntimeError("the polling clients did not start")
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._thread.join(timeout=120)
+
+    async def _main(self) -> None:
+        await asyncio.gather(*(self._client(i) for i in range(self.clients)))
+
+    async def _client(self, index: int) -> None:
+        rng = random.Random(index)
+        async with httpx.AsyncClient(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {API_KEY}"},
+            timeout=60,
+            limits=httpx.Limits(max_connections=1),
+        ) as client:
+            # Spread the clients over one interval, as independent pollers would be.
+            await asyncio.sleep(rng.uniform(0, self.interval))
+            polls = 0
+            while not self._stopping:
+                polls += 1
+                kind = "list" if polls % self.list_every == 0 else "retrieve"
+                path = "/v1/batches" if kind == "list" else f"/v1/batches/{self.target}"
+                start = time.perf_counter()
+                try:
+                    ok = (await client.get(path)).status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                elapsed = time.perf_counter() - start
+                if polls == 1:
+                    self._ready += 1  # one event loop thread: no lock needed
+                    if self._ready == self.clients:
+                        self.started.set()
+                if self.recording:
+                    self.latencies[kind].append(elapsed)
+                    self.errors += not ok
+                # A fixed period per client: a slow answer does not add to the next wait.
+                await asyncio.sleep(max(0.0, self.interval - elapsed))
+
+
+@dataclass
+class Arm:
+    label: str
+    tokens: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return sum(self.tokens) / sum(self.seconds) if self.seconds else float("nan")
+
+
+def upload(client: openai.OpenAI, bodies: list[dict[str, Any]]) -> str:
+    lines = [
+        {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        for i, body in enumerate(bodies)
+    ]
+    data = "\n".join(json.dumps(line) for line in lines).encode()
+    return client.files.create(file=("load.jsonl", data), purpose="batch").id
+
+
+def run_batch(
+    client: openai.OpenAI,
+    bodies: list[dict[str, Any]],
+    load: PollingLoad | None,
+    poll_latencies: list[float],
+) -> tuple[str, int, float]:
+    """(batch id, completion tokens, seconds from create to seen completed)."""
+    file_id = upload(client, bodies)  # outside the window: we measure the engine, not uploads
+    if load is not None:
+        load.recording = True
+    start = time.perf_counter()
+    batch = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    if load is not None:
+        load.target = batch.id
+    while batch.status not in TERMINAL:
+        time.sleep(SUBMITTER_POLL_SECONDS)
+        polled = time.perf_counter()
+        batch = client.batches.retrieve(batch.id)
+        poll_latencies.append(time.perf_counter() - polled)
+    seconds = time.perf_counter() - start
+    if load is not None:
+        load.recording = False
+    assert batch.status == "completed", batch
+    counts = batch.request_counts
+    assert counts is not None and counts.completed == len(bodies), counts
+    return batch.id, batch.usage.output_tokens if batch.usage else 0, seconds
+
+
+def ms(values: list[float], q: float) -> str:
+    return f"{percentile(values, q) * 1000:.1f} ms"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--clients", type=int, default=200)
+    parser.add_argument("--n", type=int, default=128, help="chat requests in the batch")
+    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=2, help="alone/loaded pairs")
+    parser.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between one client's polls"
+    )
+    parser.add_argument("--list-every", type=int, default=5, help="every Nth poll is a list")
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+
+    print(f"machine: {machine()}", flush=True)
+    bodies = small_chat_workload(args.n, args.max_tokens)
+    alone, loaded = Arm("alone"), Arm("loaded")
+    lone_poller: list[float] = []
+    load_stats: dict[str, list[float]] = {"retrieve": [], "list": []}
+    requests_sent = errors = 0
+    loaded_seconds = 0.0
+    with server() as srv:
+        client = srv.client()
+        previous, _, _ = run_batch(client, bodies[:16], None, [])  # warm-up
+        for round_no in range(1, args.rounds + 1):
+            previous, tokens, seconds = run_batch(client, bodies, None, lone_poller)
+            alone.tokens.append(tokens)
+            alone.seconds.append(seconds)
+            print(f"   round {round_no} alone:  {tokens} tokens in {seconds:.1f} s", flush=True)
+
+            load = PollingLoad(srv.url, args.clients, args.interval, args.list_every)
+            load.start(target=previous)  # until the measured batch exists, poll the last one
+            try:
+                previous, tokens, seconds = run_batch(client, bodies, load, [])
+            finally:
+                load.stop()
+            loaded.tokens.append(tokens)
+            loaded.seconds.append(seconds)
+            loaded_seconds += seconds
+            for kind, values in load.latencies.items():
+                load_stats[kind].extend(values)
+            sent = sum(len(v) for v in load.latencies.values())
+            requests_sent += sent
+            errors += load.errors
+            print(
+                f"   round {round_no} loaded: {tokens} tokens in {seconds:.1f} s"
+                f" ({sent} polls, {load.errors} errors)",
+                flush=True,
+            )
+
+    ratio = loaded.rate / alone.rate
+    retrieve, listing = load_stats["retrieve"], load_stats["list"]
+    report = [
+        f"polling load: {args.clients} clients, each GET /v1/batches/{{id}} every"
+        f" {args.interval:g} s, GET /v1/batches on every {args.list_every}th poll; batch of"
+        f" {args.n} chat requests x {args.max_tokens} tokens (greedy), {args.rounds} rounds",
+        f"   load: {requests_sent} requests at {requests_sent / loaded_seconds:.0f} req/s"
+        f" during the loaded batches, {errors} errors",
+        f"   retrieve under load: p50 {ms(retrieve, 50)}, p99 {ms(retrieve, 99)}"
+        f" ({len(retrieve)} requests); lone poller without load: p50 {ms(lone_poller, 50)},"
+        f" p99 {ms(lone_poller, 99)}",
+        f"   list under load:     p50 {ms(listing, 50)}, p99 {ms(listing, 99)}"
+        f" ({len(listing)} requests)",
+        f"   batch alone:  {sum(alone.tokens)} tokens in {sum(alone.seconds):.1f} s"
+        f" = {alone.rate:.0f} tok/s",
+        f"   batch loaded: {sum(loaded.tokens)} tokens in {sum(loaded.seconds):.1f} s"
+        f" = {loaded.rate:.0f} tok/s",
+        f"   ratio loaded/alone: {ratio:.2f} (throughput drop {(1 - ratio) * 100:.0f}%;"
+        " target: drop < 10%)",
+    ]
+    print("\n".join(report), flush=True)
+    if not args.no_record:
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+        command = (
+            f"python bench/load.py --clients {args.clients} --n {args.n} --max-tokens"
+            f" {args.max_tokens} --rounds {args.rounds} --interval {args.interval:g}"
+            f" --list-every {args.list_every}"
+        )
+        with RESULTS.open("a") as out:
+            out.write(
+                f"\n## {stamp}\n\nmachine: {machine()}\n\ncommand: `{command}`\n\n```\n"
+                + "\n".join(report)
+                + "\n```\n"
+            )
+
+
+if __name__ == "__main__":
+    main()

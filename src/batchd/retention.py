@@ -1,0 +1,72 @@
+"""Retention: expired files are deleted, and ended batches are archived once their time is up.
+
+- A file past its ``expires_at`` (batch input files 30 days after upload, result files 30 days
+  after they were written) loses its row and its bytes, unless it is the input of a batch that
+  has not ended: a running batch is never touched.
+- An ended batch is archived ``batch_data_retention_seconds`` after it ended (OpenAI) or
+  ``anthropic_results_retention_seconds`` after it was created (Anthropic keeps results 29
+  days): its prompts and results are dropped from the rows, its counts stay, and an Anthropic
+  batch shows ``archived_at`` and no longer serves results.
+- Idempotency keys older than 24 hours are forgotten.
+
+``purge`` is one pass; ``run_forever`` repeats it in a worker thread at a fixed interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from batchd import idempotency
+from batchd.blobs import BlobStore
+from batchd.config import Settings
+from batchd.store.store import Store, now
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeReport:
+    files_deleted: int
+    batches_archived: int
+    idempotency_keys_forgotten: int
+
+
+def purge(store: Store, blobs: BlobStore, settings: Settings, at: int | None = None) -> PurgeReport:
+    at = now() if at is None else at
+    files = 0
+    while expired := store.expired_files(at):
+        for record in expired:
+            # Row first: a crash between the two leaves an orphan blob, which start-up
+            # removes, never a row pointing at missing bytes.
+            store.remove_file(record.id)
+            blobs.delete(record.blob)
+            files += 1
+    archived = 0
+    while batch_ids := store.batches_to_archive(
+        at,
+        openai_after_end=settings.batch_data_retention_seconds,
+        anthropic_after_creation=settings.anthropic_results_retention_seconds,
+    ):
+        archived += sum(store.archive_batch(batch_id, at) for batch_id in batch_ids)
+    keys = store.purge_idempotency_keys(at - idempotency.TTL_SECONDS)
+    report = PurgeReport(files, archived, keys)
+    if files or archived or keys:
+        log.info(
+            "retention pass: %d files deleted, %d batches archived, %d idempotency keys forgotten",
+            files,
+            archived,
+            keys,
+            extra={"action": "retention"},
+        )
+    return report
+
+
+async def run_forever(store: Store, blobs: BlobStore, settings: Settings) -> None:
+    while True:
+        try:
+            await asyncio.to_thread(purge, store, blobs, settings)
+        except Exception:  # a failed pass is retried at the next interval
+            log.exception("retention pass failed")
+        await asyncio.sleep(settings.retention_interval_seconds)
