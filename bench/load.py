@@ -4,8 +4,8 @@ One server (bundled model, embedded engine, default settings), two arms measured
 side and alternated after a warm-up batch, so that drift on the machine hits both alike:
 
   alone    a batch of --n chat requests; only the submitter polls it (every 50 ms)
-  loaded   the same batch while --clients concurrent clients (asyncio + httpx, one
-           connection each) poll it: GET /v1/batches/{id} every --interval seconds, and
+  loaded   the same batch while --clients concurrent clients (asyncio, one keep-alive
+           connection each, a minimal HTTP/1.1 client: see KeepAliveConnection) poll it: GET /v1/batches/{id} every --interval seconds, and
            GET /v1/batches instead on every --list-every'th poll
 
 Reported: p50/p99 latency of retrieve and of list under the load (and of the lone poller's
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import datetime
 import json
+import os
 import random
 import threading
 import time
@@ -42,6 +44,48 @@ TERMINAL = ("completed", "failed", "expired", "cancelled")
 SUBMITTER_POLL_SECONDS = 0.05
 
 
+class KeepAliveConnection:
+    """One keep-alive HTTP/1.1 connection that speaks just enough protocol for these GETs.
+
+    A load generator must cost far less CPU than the server it loads, or on one machine the
+    benchmark measures the client: httpx spends about as much CPU per request as the server
+    does (measured), which on 2 cores is taken straight from the engine. This costs a few
+    tens of microseconds."""
+
+    def __init__(self, url: str, api_key: str) -> None:
+        parsed = httpx.URL(url)
+        self.host, self.port = parsed.host, parsed.port or 80
+        self._auth = f"Authorization: Bearer {api_key}\r\n".encode()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def get(self, path: str) -> int:
+        """The response's status; the body is read and dropped."""
+        if self._writer is None:
+            self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
+        assert self._reader is not None
+        try:
+            self._writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {self.host}\r\n".encode() + self._auth + b"\r\n"
+            )
+            head = await self._reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            marker = head.lower().find(b"\r\ncontent-length:")
+            if marker < 0:
+                raise ValueError("a response without Content-Length")
+            length = int(head[marker + 17 : head.index(b"\r\n", marker + 2)])
+            await self._reader.readexactly(length)
+            return status
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = self._reader = None
+
+
 class PollingLoad:
     """Concurrent clients on their own event loop in a background thread."""
 
@@ -53,7 +97,7 @@ class PollingLoad:
         self.target = ""  # the batch id the clients retrieve; swapped while they run
         self.recording = False
         self.latencies: dict[str, list[float]] = {"retrieve": [], "list": []}
-        self.errors = 0
+        self.errors: collections.Counter[str] = collections.Counter()  # by status or exception
         self.started = threading.Event()
         self._stopping = False
         self._ready = 0
@@ -71,38 +115,46 @@ class PollingLoad:
         self._thread.join(timeout=120)
 
     async def _main(self) -> None:
-        await asyncio.gather(*(self._client(i) for i in range(self.clients)))
+        clients = [KeepAliveConnection(self.url, API_KEY) for _ in range(self.clients)]
+        origin = asyncio.get_running_loop().time()
+        try:
+            await asyncio.gather(
+                *(self._client(i, client, origin) for i, client in enumerate(clients))
+            )
+        finally:
+            await asyncio.gather(*(client.close() for client in clients))
 
-    async def _client(self, index: int) -> None:
-        rng = random.Random(index)
-        async with httpx.AsyncClient(
-            base_url=self.url,
-            headers={"Authorization": f"Bearer {API_KEY}"},
-            timeout=60,
-            limits=httpx.Limits(max_connections=1),
-        ) as client:
-            # Spread the clients over one interval, as independent pollers would be.
-            await asyncio.sleep(rng.uniform(0, self.interval))
-            polls = 0
-            while not self._stopping:
-                polls += 1
-                kind = "list" if polls % self.list_every == 0 else "retrieve"
-                path = "/v1/batches" if kind == "list" else f"/v1/batches/{self.target}"
-                start = time.perf_counter()
-                try:
-                    ok = (await client.get(path)).status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                elapsed = time.perf_counter() - start
-                if polls == 1:
-                    self._ready += 1  # one event loop thread: no lock needed
-                    if self._ready == self.clients:
-                        self.started.set()
-                if self.recording:
-                    self.latencies[kind].append(elapsed)
-                    self.errors += not ok
-                # A fixed period per client: a slow answer does not add to the next wait.
-                await asyncio.sleep(max(0.0, self.interval - elapsed))
+    async def _client(self, index: int, client: KeepAliveConnection, origin: float) -> None:
+        loop = asyncio.get_running_loop()
+        # A random phase within one interval, then a fixed schedule: independent pollers, each
+        # at its own steady rate (a slow answer skips a slot rather than shifting the phase).
+        due = origin + random.Random(index).uniform(0, self.interval)
+        polls = 0
+        while not self._stopping:
+            await asyncio.sleep(max(0.0, due - loop.time()))
+            polls += 1
+            kind = "list" if polls % self.list_every == 0 else "retrieve"
+            path = "/v1/batches" if kind == "list" else f"/v1/batches/{self.target}"
+            start = time.perf_counter()
+            try:
+                status = await client.get(path)
+                error = None if status == 200 else str(status)
+            except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+                error = type(exc).__name__
+            elapsed = time.perf_counter() - start
+            if polls == 1:
+                self._ready += 1  # one event loop thread: no lock needed
+                if self._ready == self.clients:
+                    self.started.set()
+            if self.recording:
+                self.latencies[kind].append(elapsed)
+                if error is not None:
+                    self.errors[error] += 1
+            now = loop.time()
+            if self.interval <= 0:
+                due = now  # back to back
+            elif due <= now:
+                due += ((now - due) // self.interval + 1) * self.interval
 
 
 @dataclass
@@ -110,10 +162,29 @@ class Arm:
     label: str
     tokens: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
+    server_cpu: float = 0.0  # core-seconds the server process used during the batches
+    client_cpu: float = 0.0  # core-seconds this process (submitter and pollers) used
+
+    def add(self, tokens: int, seconds: float, server_cpu: float, client_cpu: float) -> None:
+        self.tokens.append(tokens)
+        self.seconds.append(seconds)
+        self.server_cpu += server_cpu
+        self.client_cpu += client_cpu
 
     @property
     def rate(self) -> float:
         return sum(self.tokens) / sum(self.seconds) if self.seconds else float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def upload(client: openai.OpenAI, bodies: list[dict[str, Any]]) -> str:
@@ -159,6 +230,10 @@ def ms(values: list[float], q: float) -> str:
     return f"{percentile(values, q) * 1000:.1f} ms"
 
 
+def cpu(core_seconds: float, arm: Arm) -> str:
+    return f"{core_seconds / sum(arm.seconds):.2f}" if arm.seconds else "nan"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -171,6 +246,9 @@ def main() -> None:
         "--interval", type=float, default=1.0, help="seconds between one client's polls"
     )
     parser.add_argument("--list-every", type=int, default=5, help="every Nth poll is a list")
+    parser.add_argument(
+        "--idle-seconds", type=float, default=10, help="the load alone, no batch running"
+    )
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
 
@@ -179,34 +257,50 @@ def main() -> None:
     alone, loaded = Arm("alone"), Arm("loaded")
     lone_poller: list[float] = []
     load_stats: dict[str, list[float]] = {"retrieve": [], "list": []}
-    requests_sent = errors = 0
+    requests_sent = 0
+    errors: collections.Counter[str] = collections.Counter()
     loaded_seconds = 0.0
     with server() as srv:
         client = srv.client()
         previous, _, _ = run_batch(client, bodies[:16], None, [])  # warm-up
+        pid = srv.proc.pid
+        # The load on an idle engine: what the API costs by itself, latency and server CPU.
+        idle = PollingLoad(srv.url, args.clients, args.interval, args.list_every)
+        idle.start(target=previous)
+        try:
+            idle.recording, server_cpu = True, cpu_seconds(pid)
+            time.sleep(args.idle_seconds)
+            idle.recording, idle_cpu = False, cpu_seconds(pid) - server_cpu
+        finally:
+            idle.stop()
+        idle_sent = sum(len(v) for v in idle.latencies.values())
         for round_no in range(1, args.rounds + 1):
+            server_cpu, client_cpu = cpu_seconds(pid), own_cpu_seconds()
             previous, tokens, seconds = run_batch(client, bodies, None, lone_poller)
-            alone.tokens.append(tokens)
-            alone.seconds.append(seconds)
+            alone.add(
+                tokens, seconds, cpu_seconds(pid) - server_cpu, own_cpu_seconds() - client_cpu
+            )
             print(f"   round {round_no} alone:  {tokens} tokens in {seconds:.1f} s", flush=True)
 
             load = PollingLoad(srv.url, args.clients, args.interval, args.list_every)
             load.start(target=previous)  # until the measured batch exists, poll the last one
             try:
+                server_cpu, client_cpu = cpu_seconds(pid), own_cpu_seconds()
                 previous, tokens, seconds = run_batch(client, bodies, load, [])
+                loaded.add(
+                    tokens, seconds, cpu_seconds(pid) - server_cpu, own_cpu_seconds() - client_cpu
+                )
             finally:
                 load.stop()
-            loaded.tokens.append(tokens)
-            loaded.seconds.append(seconds)
             loaded_seconds += seconds
             for kind, values in load.latencies.items():
                 load_stats[kind].extend(values)
             sent = sum(len(v) for v in load.latencies.values())
             requests_sent += sent
-            errors += load.errors
+            errors.update(load.errors)
             print(
                 f"   round {round_no} loaded: {tokens} tokens in {seconds:.1f} s"
-                f" ({sent} polls, {load.errors} errors)",
+                f" ({sent} polls, errors: {dict(load.errors)})",
                 flush=True,
             )
 
@@ -217,7 +311,12 @@ def main() -> None:
         f" {args.interval:g} s, GET /v1/batches on every {args.list_every}th poll; batch of"
         f" {args.n} chat requests x {args.max_tokens} tokens (greedy), {args.rounds} rounds",
         f"   load: {requests_sent} requests at {requests_sent / loaded_seconds:.0f} req/s"
-        f" during the loaded batches, {errors} errors",
+        f" during the loaded batches, errors: {dict(errors) or 'none'}",
+        f"   same load, no batch running ({args.idle_seconds:g} s): retrieve p50"
+        f" {ms(idle.latencies['retrieve'], 50)}, p99 {ms(idle.latencies['retrieve'], 99)}; list"
+        f" p50 {ms(idle.latencies['list'], 50)}, p99 {ms(idle.latencies['list'], 99)}; server"
+        f" CPU {idle_cpu / max(idle_sent, 1) * 1000:.2f} ms per request,"
+        f" {idle_cpu / args.idle_seconds:.2f} cores; errors: {dict(idle.errors) or 'none'}",
         f"   retrieve under load: p50 {ms(retrieve, 50)}, p99 {ms(retrieve, 99)}"
         f" ({len(retrieve)} requests); lone poller without load: p50 {ms(lone_poller, 50)},"
         f" p99 {ms(lone_poller, 99)}",
@@ -227,6 +326,9 @@ def main() -> None:
         f" = {alone.rate:.0f} tok/s",
         f"   batch loaded: {sum(loaded.tokens)} tokens in {sum(loaded.seconds):.1f} s"
         f" = {loaded.rate:.0f} tok/s",
+        f"   CPU (core-seconds per second of batch): server {cpu(alone.server_cpu, alone)} alone,"
+        f" {cpu(loaded.server_cpu, loaded)} loaded; this process (submitter + pollers)"
+        f" {cpu(alone.client_cpu, alone)} alone, {cpu(loaded.client_cpu, loaded)} loaded",
         f"   ratio loaded/alone: {ratio:.2f} (throughput drop {(1 - ratio) * 100:.0f}%;"
         " target: drop < 10%)",
     ]
@@ -236,7 +338,7 @@ def main() -> None:
         command = (
             f"python bench/load.py --clients {args.clients} --n {args.n} --max-tokens"
             f" {args.max_tokens} --rounds {args.rounds} --interval {args.interval:g}"
-            f" --list-every {args.list_every}"
+            f" --list-every {args.list_every} --idle-seconds {args.idle_seconds:g}"
         )
         with RESULTS.open("a") as out:
             out.write(

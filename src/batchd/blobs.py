@@ -42,13 +42,22 @@ class BlobStore:
     def delete(self, name: str) -> None:
         self.path(name).unlink(missing_ok=True)
 
-    def remove_orphans(self, referenced: set[str]) -> int:
-        """Delete blobs no row points at (left by a crash between write and commit)."""
+    def remove_orphans(self, referenced: set[str], *, older_than: float | None = None) -> int:
+        """Delete blobs no row points at (left by a crash between write and commit). With
+        ``older_than`` (a Unix time), only those last written before it: on a directory
+        that other processes share, a younger one may be a write about to be committed."""
         removed = 0
         for entry in self.root.iterdir():
-            if entry.is_file() and entry.name not in referenced:
-                entry.unlink(missing_ok=True)
-                removed += 1
+            if not entry.is_file() or entry.name in referenced:
+                continue
+            if older_than is not None:
+                try:
+                    if entry.stat().st_mtime >= older_than:
+                        continue
+                except FileNotFoundError:
+                    continue
+            entry.unlink(missing_ok=True)
+            removed += 1
         return removed
 
     def fsync_dir(self) -> None:

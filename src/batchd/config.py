@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     # Serving on a non-loopback address with no keys is refused unless this is set.
     insecure_no_auth: bool = False
     public_url: str | None = None  # base URL clients reach us on (Anthropic results_url)
+    # SQLAlchemy URL of a shared database (postgresql+psycopg://user@host/db). Unset: SQLite
+    # in the data dir, for one process.
+    database_url: str | None = None
+
+    # The model registry (TOML, see registry.py). When set, it alone says which models are
+    # served and by which engine; the embedded-engine settings below are its defaults.
+    config: Path | None = None
 
     # Embedded engine.
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # name=path.gguf
@@ -38,6 +45,7 @@ class Settings(BaseSettings):
     max_seqs: int = 32
     prefix_sharing: bool = True
     engine: Literal["llamacpp", "fake"] = "llamacpp"  # "fake" is for scheduler tests only
+    fake_step_seconds: float = 0.01  # the fake engine's time per token (0: instant)
 
     # Limits (OpenAI's defaults; all configurable).
     max_upload_bytes: int = 200 * MIB
@@ -52,6 +60,9 @@ class Settings(BaseSettings):
     # requests queued or running across them. One tenant cannot fill the queue for all.
     max_active_batches_per_tenant: int = 100
     max_queued_requests_per_tenant: int = 1_000_000
+    # A request body (upload or JSON) that sends nothing for this long is abandoned with a 408:
+    # a client that stalls mid-upload must not hold a connection, a blob or memory forever.
+    body_idle_timeout_seconds: float = 60
     # JSON bodies nested deeper than this are refused (no chat or batch body needs more).
     max_json_depth: int = 64
 
@@ -65,6 +76,12 @@ class Settings(BaseSettings):
     # Scheduling.
     lease_seconds: int = 60
     poll_interval_seconds: float = 0.5
+    # On SIGTERM a worker stops leasing and gives the requests in hand this long to finish
+    # before handing the rest back to the queue.
+    shutdown_grace_seconds: float = 30.0
+    # A worker's Prometheus endpoint (it has no HTTP API); api/serve use GET /metrics.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = None
     # Nice value for the threads that validate uploads and write result files (0: don't).
     background_nice: int = 19
 

@@ -8,14 +8,19 @@
     │   └── ModelNotFound       404: a model this server does not serve
     ├── Conflict                409/400: an illegal state transition
     ├── PayloadTooLarge         413: a body or upload beyond a configured limit
+    ├── RequestTimeout          408: a body that stopped arriving before its end
     ├── LimitExceeded           429: a per-tenant limit; carries retry_after
-    └── EngineError             500: the engine failed for a reason not the caller's
+    ├── EngineError             500: the engine failed for a reason not the caller's
+    └── UpstreamError           the upstream's own status: a final answer from an upstream
+                                engine (a 4xx other than 429, or a 5xx once retries ran out)
 
 Services raise these; ``batchd.api.errors`` alone turns them into the OpenAI or Anthropic wire
 shape. Nothing below the API layer raises HTTP exceptions.
 """
 
 from __future__ import annotations
+
+import orjson
 
 
 class BatchdError(Exception):
@@ -86,6 +91,13 @@ class PayloadTooLarge(BatchdError):
     default_code = "request_too_large"
 
 
+class RequestTimeout(BatchdError):
+    status_code = 408
+    openai_type = "invalid_request_error"
+    anthropic_type = "timeout_error"
+    default_code = "request_timeout"
+
+
 class LimitExceeded(BatchdError):
     status_code = 429
     openai_type = "requests"
@@ -99,3 +111,44 @@ class LimitExceeded(BatchdError):
 
 class EngineError(BatchdError):
     status_code = 500
+
+
+_ANTHROPIC_TYPES_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+class UpstreamError(BatchdError):
+    """An upstream server's final error answer, kept with its status and body."""
+
+    def __init__(self, status_code: int, body: bytes, *, attempts: int = 1) -> None:
+        message = f"The upstream server answered {status_code}."
+        openai_type = "server_error" if status_code >= 500 else "invalid_request_error"
+        param = code = None
+        try:
+            error = orjson.loads(body).get("error")
+        except (orjson.JSONDecodeError, AttributeError):
+            error = None
+        if isinstance(error, dict):
+            if isinstance(error.get("message"), str):
+                message = f"The upstream server answered {status_code}: {error['message']}"
+            openai_type = error.get("type") if isinstance(error.get("type"), str) else openai_type
+            param = error.get("param") if isinstance(error.get("param"), str) else None
+            code = str(error["code"]) if error.get("code") is not None else None
+        elif body:
+            text = body[:500].decode("utf-8", "replace")
+            message = f"The upstream server answered {status_code}: {text}"
+        super().__init__(message, param=param, code=code)
+        self.status_code = status_code
+        self.openai_type = openai_type
+        self.anthropic_type = _ANTHROPIC_TYPES_BY_STATUS.get(
+            status_code, "api_error" if status_code >= 500 else "invalid_request_error"
+        )
+        self.body = body
+        self.attempts = attempts  # HTTP attempts it took to get this answer

@@ -8,6 +8,9 @@
   days): its prompts and results are dropped from the rows, its counts stay, and an Anthropic
   batch shows ``archived_at`` and no longer serves results.
 - Idempotency keys older than 24 hours are forgotten.
+- Blobs no row points at and older than a day are deleted: what a process killed between
+  writing a file and committing its row left behind (a finalizer killed half-way, say) on a
+  data dir other processes share, where start-up cannot tell an orphan from a write in flight.
 
 ``purge`` is one pass; ``run_forever`` repeats it in a worker thread at a fixed interval.
 """
@@ -25,12 +28,16 @@ from batchd.store.store import Store, now
 
 log = logging.getLogger(__name__)
 
+# No write takes a day between its bytes and its row: an unreferenced blob older is an orphan.
+ORPHAN_BLOB_GRACE_SECONDS = 24 * 3600
+
 
 @dataclass(frozen=True, slots=True)
 class PurgeReport:
     files_deleted: int
     batches_archived: int
     idempotency_keys_forgotten: int
+    orphan_blobs_removed: int
 
 
 def purge(store: Store, blobs: BlobStore, settings: Settings, at: int | None = None) -> PurgeReport:
@@ -51,13 +58,18 @@ def purge(store: Store, blobs: BlobStore, settings: Settings, at: int | None = N
     ):
         archived += sum(store.archive_batch(batch_id, at) for batch_id in batch_ids)
     keys = store.purge_idempotency_keys(at - idempotency.TTL_SECONDS)
-    report = PurgeReport(files, archived, keys)
-    if files or archived or keys:
+    # Names first, then the directory: a blob committed in between is younger than the grace.
+    referenced = store.all_blob_names()
+    orphans = blobs.remove_orphans(referenced, older_than=at - ORPHAN_BLOB_GRACE_SECONDS)
+    report = PurgeReport(files, archived, keys, orphans)
+    if files or archived or keys or orphans:
         log.info(
-            "retention pass: %d files deleted, %d batches archived, %d idempotency keys forgotten",
+            "retention pass: %d files deleted, %d batches archived, %d idempotency keys "
+            "forgotten, %d orphan blobs removed",
             files,
             archived,
             keys,
+            orphans,
             extra={"action": "retention"},
         )
     return report

@@ -1,22 +1,28 @@
-"""``batchd serve``: one process with the HTTP API, the scheduler and the engine."""
+"""The processes: ``batchd serve`` (HTTP API, scheduler and engine in one), and for a shared
+PostgreSQL database ``batchd api`` (HTTP only, any number) and ``batchd worker`` (scheduler and
+engine, no HTTP, one per engine)."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import ipaddress
 import logging
 import os
-from typing import IO
+import signal
+from typing import IO, Literal
 
+import prometheus_client
 import uvicorn
 
+from batchd import retention
 from batchd.api.app import create_app
 from batchd.blobs import BlobStore
 from batchd.config import Settings
 from batchd.engines.factory import build_engine
 from batchd.errors import BatchdError
 from batchd.scheduler.runner import Scheduler
-from batchd.service import Services
+from batchd.service import Services, install_metrics
 from batchd.store import database
 from batchd.store.store import Store
 
@@ -29,6 +35,13 @@ class DataDirLocked(BatchdError):
 
 class InsecureBind(BatchdError):
     pass
+
+
+class NeedsSharedDatabase(BatchdError):
+    pass
+
+
+Role = Literal["all", "api", "worker"]
 
 
 def is_loopback(host: str) -> bool:
@@ -56,20 +69,76 @@ def lock_data_dir(settings: Settings) -> IO[str]:
     return handle
 
 
-def build_services(settings: Settings) -> Services:
-    engine_db = database.open_sqlite(settings.database_path)
+def build_services(settings: Settings, role: Role = "all") -> Services:
+    engine_db = database.open_database(settings.database_url, settings.database_path)
     database.upgrade(engine_db)
     store = Store(engine_db)
     blobs = BlobStore(settings.files_dir)
-    engine = build_engine(settings)
-    scheduler = Scheduler(store, blobs, engine, settings)
+    engine = build_engine(settings)  # an API process keeps one too: realtime requests
+    scheduler = Scheduler(store, blobs, engine, settings) if role != "api" else None
     return Services(settings=settings, store=store, blobs=blobs, engine=engine, scheduler=scheduler)
 
 
-def serve(settings: Settings) -> None:
+def _shared_database(settings: Settings) -> bool:
+    return bool(settings.database_url) and not settings.database_url.startswith("sqlite")
+
+
+async def _run_worker(services: Services, *, drain: bool = False) -> None:
+    """A worker: the scheduler and the engine until SIGTERM or SIGINT (or, with ``drain``,
+    until no work is left), then a clean stop: it leases nothing more, gives the requests in
+    hand ``shutdown_grace_seconds`` to finish, and hands the rest back to the queue."""
+    scheduler = services.scheduler
+    assert scheduler is not None
+    settings = services.settings
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    install_metrics(services)
+    if settings.metrics_port is not None:
+        # The worker has no HTTP API: prometheus_client's own server (a daemon thread).
+        prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        log.info("metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port)
+    await services.engine.start()
+    await scheduler.recover()
+    scheduling = asyncio.create_task(scheduler.run(drain=drain))
+    tasks = [
+        scheduling,
+        asyncio.create_task(retention.run_forever(services.store, services.blobs, settings)),
+    ]
+    log.info(
+        "worker %s running%s",
+        scheduler.owner,
+        " (draining: exits when no work is left)" if drain else "",
+        extra={"action": "worker_started"},
+    )
+    signalled = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({signalled, scheduling}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        await scheduler.stop(settings.shutdown_grace_seconds)
+        signalled.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(signalled, *tasks, return_exceptions=True)
+        await services.engine.close()
+        log.info("worker %s stopped", scheduler.owner, extra={"action": "worker_stopped"})
+
+
+def serve(settings: Settings, role: Role = "all", *, drain: bool = False) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    shared = _shared_database(settings)
+    if role != "all" and not shared:
+        raise NeedsSharedDatabase(
+            f"`batchd {role}` shares its work with other processes through PostgreSQL: set"
+            " --database-url postgresql+psycopg://... (`batchd serve` runs everything in one"
+            " process on SQLite)"
+        )
+    if role == "worker":
+        asyncio.run(_run_worker(build_services(settings, role), drain=drain))
+        return
     exposed = not is_loopback(settings.host)
     if exposed and not settings.auth_enabled and not settings.insecure_no_auth:
         raise InsecureBind(
@@ -77,15 +146,17 @@ def serve(settings: Settings) -> None:
             "could read every batch. Set BATCHD_API_KEYS or --keys-file, bind 127.0.0.1, "
             "or pass --insecure-no-auth if this network is trusted."
         )
-    lock = lock_data_dir(settings)
+    # On SQLite one process owns the data dir; on PostgreSQL the database coordinates.
+    lock = lock_data_dir(settings) if not shared else None
     if not settings.auth_enabled:
         log.warning(
             "NO API KEYS CONFIGURED: every request is accepted and shares one tenant. "
             "Set BATCHD_API_KEYS (comma-separated) or --keys-file before exposing this server."
         )
-    services = build_services(settings)
+    services = build_services(settings, role)
     app = create_app(services)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()

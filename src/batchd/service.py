@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from batchd import ids
+from batchd import ids, metrics
 from batchd.blobs import BlobStore
 from batchd.config import Settings
 from batchd.engines.base import Engine
@@ -26,7 +26,25 @@ class Services:
     store: Store
     blobs: BlobStore
     engine: Engine
-    scheduler: Scheduler
+    scheduler: Scheduler | None  # None in an API-only process (`batchd api`)
+
+
+def install_metrics(services: Services) -> None:
+    """This process's Prometheus gauges: the shared queue's depth, and (in a process that
+    runs the scheduler) the leases it holds."""
+    scheduler = services.scheduler
+    metrics.install_process_gauges(
+        request_states=services.store.request_state_counts,
+        batch_statuses=services.store.batch_status_counts,
+        leases_held=scheduler.leases_held if scheduler is not None else None,
+    )
+
+
+def wake_scheduler(services: Services) -> None:
+    """Start new work now rather than at the next poll, when this process runs the scheduler
+    (an API-only process has none: the workers find the work on their next poll)."""
+    if services.scheduler is not None:
+        services.scheduler.wake()
 
 
 def register_upload(
@@ -55,6 +73,16 @@ def get_file(services: Services, tenant: str, file_id: str) -> FileRecord:
 
 
 def delete_file(services: Services, tenant: str, file_id: str) -> FileRecord:
+    validating = services.store.batch_validating_file(tenant, file_id)
+    if validating is not None:
+        # Its requests are not yet copied into rows: deleting the bytes now would fail the
+        # batch. Validation takes seconds; the client can delete as soon as it has ended.
+        raise Conflict(
+            f"File {file_id} is being validated as the input of batch {validating}; delete it"
+            " once that batch has left the 'validating' status.",
+            param="file_id",
+            code="file_in_use",
+        )
     record = services.store.delete_file(tenant, file_id)
     if record is None:
         raise NotFound(f"No such File object: {file_id}", param="id")
@@ -92,6 +120,14 @@ def check_tenant_capacity(services: Services, tenant: str, adding_requests: int 
         )
 
 
+def batch_endpoints(engine: Engine) -> tuple[str, ...]:
+    """Batch endpoints some served model can answer: embeddings only with an upstream
+    (``openai-http``) model; the embedded engine generates text only."""
+    if getattr(engine, "supports_embeddings", False):
+        return oa.SUPPORTED_BATCH_ENDPOINTS
+    return tuple(e for e in oa.SUPPORTED_BATCH_ENDPOINTS if e != oa.EMBEDDINGS_ENDPOINT)
+
+
 def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchRecord:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
@@ -103,16 +139,16 @@ def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchReco
                 code="missing_required_parameter",
             )
     endpoint = body["endpoint"]
+    supported = batch_endpoints(services.engine)
     if endpoint not in oa.KNOWN_BATCH_ENDPOINTS:
         raise InvalidRequest(
-            f"Invalid endpoint {str(endpoint)[:100]!r}: expected one of "
-            f"{', '.join(oa.SUPPORTED_BATCH_ENDPOINTS)}.",
+            f"Invalid endpoint {str(endpoint)[:100]!r}: expected one of {', '.join(supported)}.",
             param="endpoint",
         )
-    if endpoint not in oa.SUPPORTED_BATCH_ENDPOINTS:
+    if endpoint not in supported:
         raise InvalidRequest(
-            f"The endpoint {endpoint} is not supported by this server yet; supported: "
-            f"{', '.join(oa.SUPPORTED_BATCH_ENDPOINTS)}.",
+            f"The endpoint {endpoint} is not supported by this server's models; supported: "
+            f"{', '.join(supported)}.",
             param="endpoint",
             code="unsupported_endpoint",
         )
@@ -148,7 +184,7 @@ def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchReco
             "expires_at": created + window_seconds,
         }
     )
-    services.scheduler.wake()
+    wake_scheduler(services)
     record = services.store.get_batch(batch_id, tenant)
     assert record is not None
     return record
@@ -178,5 +214,5 @@ def cancel_batch(services: Services, tenant: str, batch_id: str, surface: str) -
                 f"Cannot cancel a batch with status '{record.status.value}'.", param="batch_id"
             )
         return record
-    services.scheduler.wake()
+    wake_scheduler(services)
     return get_batch(services, tenant, batch_id, surface)

@@ -46,6 +46,12 @@ PROPERTY = settings(
 # Text a JSON document can carry: any code point but the lone surrogates UTF-8 cannot encode.
 text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=40)
 nonempty_text = st.text(alphabet=st.characters(exclude_categories=("Cs",)), min_size=1, max_size=40)
+# A valid custom_id: any text but NUL, which no text column can store (refused by design).
+custom_id_text = st.text(
+    alphabet=st.characters(exclude_categories=("Cs",), exclude_characters="\x00"),
+    min_size=1,
+    max_size=40,
+)
 json_values = st.recursive(
     st.none()
     | st.booleans()
@@ -203,7 +209,7 @@ def _body(endpoint: str, model: str, content: str, max_tokens: int | None) -> di
 def valid_files(draw: st.DrawFn) -> tuple[str, bytes, list[tuple[int, str, dict[str, Any]]]]:
     """(endpoint, file bytes, [(physical line number, custom_id, body)] in file order)."""
     endpoint = draw(st.sampled_from(SUPPORTED_BATCH_ENDPOINTS))
-    custom_ids = draw(st.lists(nonempty_text, min_size=1, max_size=25, unique=True))
+    custom_ids = draw(st.lists(custom_id_text, min_size=1, max_size=25, unique=True))
     models = draw(st.lists(nonempty_text, min_size=1, max_size=3))
     expected: list[tuple[int, str, dict[str, Any]]] = []
     parts: list[bytes] = []

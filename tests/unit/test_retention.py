@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,20 @@ def test_a_failed_create_releases_its_key(services: Services) -> None:
     assert in_flight is not None and in_flight.object_id is None
     store.settle_idempotency_key("t", "batches", "k", None)
     assert store.claim_idempotency_key("t", "batches", "k", "fp", DAY) is None
+
+
+def test_orphan_blobs_go_after_a_day_and_young_ones_stay(services: Services) -> None:
+    kept = add_file(services, "file-kept", None)
+    writer = services.blobs.new_writer()
+    writer.write(b"left behind by a finalizer killed before its commit")
+    old_orphan = writer.commit()
+    writer = services.blobs.new_writer()
+    writer.write(b"a write whose row is about to be committed")
+    young_orphan = writer.commit()
+    two_days_ago = now() - 2 * DAY
+    os.utime(services.blobs.path(old_orphan), (two_days_ago, two_days_ago))
+    report = retention.purge(services.store, services.blobs, services.settings)
+    assert report.orphan_blobs_removed == 1
+    assert not services.blobs.path(old_orphan).exists()
+    assert services.blobs.path(young_orphan).exists()
+    assert services.blobs.path(kept.blob).exists()

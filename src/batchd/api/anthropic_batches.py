@@ -52,7 +52,7 @@ async def create_message_batch(
         )
 
     record = await asyncio.to_thread(create_once)
-    services.scheduler.wake()  # on the loop thread: the wake event is not thread-safe
+    service.wake_scheduler(services)  # on the loop thread: the wake event is not thread-safe
     return am.message_batch_object(record, _base_url(request, services))
 
 

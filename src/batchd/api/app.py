@@ -7,11 +7,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
-from batchd import ids, retention
+from batchd import retention
 from batchd.api import (
     anthropic_batches,
     anthropic_messages,
@@ -21,9 +21,11 @@ from batchd.api import (
     realtime,
 )
 from batchd.api.auth import AuthMiddleware
+from batchd.api.http_metrics import HttpMetricsMiddleware, metrics_endpoint
 from batchd.api.keyring import KeyRing
+from batchd.api.request_id import RequestIdMiddleware
 from batchd.api.responses import JSONResponse
-from batchd.service import Services
+from batchd.service import Services, install_metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +41,26 @@ def create_app(services: Services) -> FastAPI:
             # SIGHUP re-reads the keys file: rotate keys without dropping in-flight work.
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keyring.reload)
+        install_metrics(services)
         await services.engine.start()
-        await services.scheduler.recover()
-        scheduler_task = asyncio.create_task(services.scheduler.run())
-        retention_task = asyncio.create_task(
-            retention.run_forever(services.store, services.blobs, settings)
-        )
+        scheduler = services.scheduler  # None in an API-only process: workers run batches
+        background: list[asyncio.Task[None]] = []
+        if scheduler is not None:
+            await scheduler.recover()
+            background.append(asyncio.create_task(scheduler.run()))
+            background.append(
+                asyncio.create_task(retention.run_forever(services.store, services.blobs, settings))
+            )
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
-            retention_task.cancel()
-            await services.scheduler.stop()
-            scheduler_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await scheduler_task
+            if scheduler is not None:
+                await scheduler.stop(settings.shutdown_grace_seconds)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await services.engine.close()
 
     app = FastAPI(
@@ -67,14 +73,9 @@ def create_app(services: Services) -> FastAPI:
     app.state.ready = False
     errors.install(app)
     app.add_middleware(AuthMiddleware, keyring=keyring)
-
-    @app.middleware("http")
-    async def request_id_header(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        response.headers.setdefault("x-request-id", ids.request_id())
-        return response
+    app.add_middleware(RequestIdMiddleware)  # a refused request gets an id too
+    app.add_middleware(HttpMetricsMiddleware)  # outermost: refusals are timed as well
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
 
     @app.api_route("/healthz", methods=["GET", "HEAD"], include_in_schema=False)
     def healthz() -> JSONResponse:

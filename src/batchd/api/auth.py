@@ -3,8 +3,9 @@
 It is ASGI middleware rather than a route dependency so that nothing escapes it: odd
 spellings of paths (``//v1/batches``, trailing slashes), unknown paths, ``HEAD`` and
 ``OPTIONS`` all need a key, and an unauthenticated caller learns nothing about which routes
-exist. ``/healthz`` alone is open. Keys travel as ``Authorization: Bearer <key>`` (OpenAI)
-or ``x-api-key`` (Anthropic); when both are sent they must be the same key.
+exist. ``/healthz`` and ``/metrics`` (aggregates, no tenant data) alone are open. Keys
+travel as ``Authorization: Bearer <key>`` (OpenAI) or ``x-api-key`` (Anthropic); when both are
+sent they must be the same key.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from batchd.api.errors import error_response
 from batchd.api.keyring import PUBLIC_TENANT, KeyRing
 from batchd.errors import Unauthorized
 
-OPEN_PATHS = frozenset({"/healthz"})
+OPEN_PATHS = frozenset({"/healthz", "/metrics"})  # no tenant data in either
 
 
 def _presented_key(request: Request) -> str | None:

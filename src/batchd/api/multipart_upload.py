@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from batchd.api.bodies import iter_body
 from batchd.blobs import BlobStore, BlobWriter
-from batchd.errors import InvalidRequest, PayloadTooLarge
+from batchd.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 
 MAX_FIELD_BYTES = 4096
 MAX_FIELDS = 16
@@ -20,6 +21,7 @@ class Upload:
     fields: dict[str, str] = field(default_factory=dict)
     filename: str | None = None
     blob: BlobWriter | None = None
+    file_complete: bool = False  # the file part's closing boundary arrived
 
     def abort(self) -> None:
         if self.blob is not None:
@@ -103,7 +105,9 @@ async def parse_upload(request: Request, blobs: BlobStore, max_file_bytes: int) 
                 )
 
     def on_part_end() -> None:
-        if not part.is_file and part.name is not None:
+        if part.is_file:
+            upload.file_complete = upload.blob is not None
+        elif part.name is not None:
             if len(upload.fields) >= MAX_FIELDS:
                 errors.append(InvalidRequest("Too many form fields.", param=part.name))
                 return
@@ -122,16 +126,23 @@ async def parse_upload(request: Request, blobs: BlobStore, max_file_bytes: int) 
         },
     )
     try:
-        async for chunk in request.stream():
+        async for chunk in iter_body(request):
             parser.write(chunk)
             if errors:
                 raise errors[0]
         parser.finalize()
         if errors:
             raise errors[0]
+        if upload.blob is not None and not upload.file_complete:
+            # A body cut short (a Content-Length smaller than the form) must not be stored
+            # as though the file had ended there.
+            raise InvalidRequest(
+                "The multipart body ended inside the file part (no closing boundary).",
+                param="file",
+            )
     except Exception as exc:
         upload.abort()
-        if isinstance(exc, InvalidRequest | PayloadTooLarge):
+        if isinstance(exc, InvalidRequest | PayloadTooLarge | RequestTimeout):
             raise
         raise InvalidRequest(f"Malformed multipart body: {exc}", param="file") from None
     return upload

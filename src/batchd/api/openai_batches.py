@@ -4,15 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Query, Request
 
 from batchd import idempotency, service
 from batchd.api import openapi_bodies
 from batchd.api.auth import Tenant
-from batchd.api.bodies import check_depth, depth_limit
+from batchd.api.bodies import read_json
 from batchd.api.deps import ServicesDep
-from batchd.errors import InvalidRequest
 from batchd.protocol import openai as oa
 
 router = APIRouter()
@@ -21,13 +19,7 @@ MAX_CREATE_BODY_BYTES = 1024 * 1024
 
 
 async def _json_body(request: Request) -> Any:
-    raw = await request.body()
-    if len(raw) > MAX_CREATE_BODY_BYTES:
-        raise InvalidRequest("The request body is too large.", param="body")
-    try:
-        return check_depth(orjson.loads(raw), depth_limit(request))
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.", param="body") from None
+    return await read_json(request, MAX_CREATE_BODY_BYTES)
 
 
 @router.post("/v1/batches", openapi_extra=openapi_bodies.CREATE_BATCH)

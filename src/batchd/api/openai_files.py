@@ -55,7 +55,9 @@ async def upload_file(request: Request, tenant: Tenant, services: ServicesDep) -
         upload.abort()
         raise
     # Only the last path component of the client's name is kept, and only as metadata.
-    display_name = filename.replace("\\", "/").rsplit("/", 1)[-1][:255] or "upload.jsonl"
+    # Control characters (NUL, newlines) go too: the name is echoed in headers and listings.
+    base_name = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    display_name = "".join(c for c in base_name if c.isprintable())[:255] or "upload.jsonl"
     try:
         record = idempotency.create_once(
             services.store,

@@ -1,6 +1,10 @@
-"""Realtime OpenAI endpoints on the same engine: /v1/chat/completions, /v1/completions.
+"""Realtime OpenAI endpoints on the same engine: /v1/chat/completions, /v1/completions,
+/v1/embeddings, /v1/models.
 
 Realtime requests carry ``Priority.REALTIME`` so the engine admits them ahead of batch work.
+A model served by an upstream (``openai-http``) engine is reverse-proxied: the body goes up
+unchanged but for ``model``, under the same limits as batch work, and the upstream's status,
+body or SSE stream come back as they were sent.
 """
 
 from __future__ import annotations
@@ -11,34 +15,28 @@ from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from batchd import ids
 from batchd.api import openapi_bodies
 from batchd.api.auth import Tenant
-from batchd.api.bodies import check_depth, depth_limit
+from batchd.api.bodies import read_json
 from batchd.api.deps import ServicesDep
-from batchd.engines.base import Engine, GenerationRequest, Priority
-from batchd.errors import InvalidRequest
+from batchd.engines.base import (
+    Engine,
+    ForwardRequest,
+    GenerationRequest,
+    PassthroughEngine,
+    Priority,
+    passthrough_engine,
+)
+from batchd.errors import InvalidRequest, ModelNotFound
 from batchd.protocol import openai as oa
 from batchd.scheduler.execute import resolve
 
 router = APIRouter()
 
 MAX_REALTIME_BODY_BYTES = 32 * 1024 * 1024
-
-
-async def _parse(request: Request, endpoint: str, engine: Engine) -> tuple[Any, GenerationRequest]:
-    raw = await request.body()
-    if len(raw) > MAX_REALTIME_BODY_BYTES:
-        raise InvalidRequest("The request body is too large.", param="body")
-    try:
-        body = check_depth(orjson.loads(raw), depth_limit(request))
-    except orjson.JSONDecodeError:
-        raise InvalidRequest("The request body is not valid JSON.", param="body") from None
-    parsed = oa.parse_body(endpoint, body)
-    generation = parsed.to_generation(Priority.REALTIME)
-    return parsed, resolve(engine, generation)
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -86,8 +84,33 @@ async def _stream(
     yield b"data: [DONE]\n\n"
 
 
+async def _proxy(
+    upstream: PassthroughEngine, served: str, endpoint: str, body: dict[str, Any]
+) -> Response:
+    forwarded = ForwardRequest(served, endpoint, body, Priority.REALTIME)
+    if body.get("stream") is True:
+        answer = await upstream.forward_stream(forwarded)
+        if answer.status_code != 200:
+            content = b"".join([chunk async for chunk in answer.chunks])
+            return Response(content, answer.status_code, media_type="application/json")
+        return StreamingResponse(
+            answer.chunks, media_type="text/event-stream", headers={"cache-control": "no-cache"}
+        )
+    response = await upstream.forward(forwarded)
+    return Response(response.body, response.status_code, media_type="application/json")
+
+
 async def _handle(request: Request, endpoint: str, engine: Engine) -> Any:
-    parsed, generation = await _parse(request, endpoint, engine)
+    body = await read_json(request, MAX_REALTIME_BODY_BYTES)
+    checked = oa.check_body(endpoint, body)
+    served = engine.resolve_model(checked.model)
+    upstream = passthrough_engine(engine, served) if served is not None else None
+    if served is not None and upstream is not None:
+        return await _proxy(upstream, served, endpoint, body)
+    if served is None:
+        raise ModelNotFound(checked.model)
+    parsed = oa.parse_body(endpoint, body)
+    generation = resolve(engine, parsed.to_generation(Priority.REALTIME))
     if parsed.stream:
         return StreamingResponse(
             _stream(endpoint, parsed, generation, engine), media_type="text/event-stream"
@@ -106,6 +129,28 @@ async def completions(request: Request, tenant: Tenant, services: ServicesDep) -
     return await _handle(request, "/v1/completions", services.engine)
 
 
+_EMBEDDINGS_BODY = openapi_bodies.json_body(
+    {
+        "type": "object",
+        "properties": {
+            "model": {"type": "string", "examples": ["default"]},
+            "input": {
+                "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]
+            },
+            "encoding_format": {"enum": ["float", "base64"]},
+            "dimensions": {"type": "integer", "minimum": 1},
+        },
+        "required": ["model", "input"],
+    },
+    "An OpenAI embeddings request (served by upstream models only).",
+)
+
+
+@router.post("/v1/embeddings", openapi_extra=_EMBEDDINGS_BODY)
+async def embeddings(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
+    return await _handle(request, oa.EMBEDDINGS_ENDPOINT, services.engine)
+
+
 @router.get("/v1/models")
 def list_models(tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
     data = []
@@ -117,7 +162,7 @@ def list_models(tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
                     "object": "model",
                     "created": 0,
                     "owned_by": "batchd",
-                    "engine": services.engine.kind,  # batchd extension
+                    "engine": info.kind or services.engine.kind,  # batchd extension
                     "context_length": info.context_length,  # batchd extension
                 }
             )

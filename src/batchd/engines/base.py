@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 class Priority(enum.IntEnum):
@@ -49,6 +49,9 @@ class GenerationRequest:
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
     priority: Priority = Priority.BATCH
+    # Wall-clock time (epoch seconds) after which the result is no longer wanted: a batch's
+    # expires_at. Engines that retry (upstream ones) retry until then; None: their own limit.
+    deadline: float | None = None
 
 
 @dataclass(slots=True)
@@ -59,6 +62,7 @@ class GenerationResult:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV was shared, not recomputed
     stop_sequence: str | None = None  # which stop string ended generation, if any
+    attempts: int = 1  # HTTP attempts an upstream engine made (1 for in-process engines)
 
 
 @dataclass(slots=True)
@@ -72,8 +76,53 @@ class StreamDelta:
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     id: str
-    context_length: int
+    context_length: int | None  # None: not known here (an upstream that did not say)
     aliases: tuple[str, ...] = field(default=())
+    kind: str | None = None  # the engine serving it, when several engines are routed
+
+
+class RetryLater(Exception):
+    """An engine gave up holding a request for now, but its deadline still allows more tries
+    (an upstream answering 429/5xx, unreachable, or blocked by its circuit): the caller should
+    give the request's slot back and queue it again. ``attempts`` counts the HTTP attempts made.
+
+    Not a ``BatchdError``: it is never a request's outcome and never reaches a client.
+    """
+
+    def __init__(self, attempts: int, reason: str) -> None:
+        super().__init__(reason)
+        self.attempts = attempts
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardRequest:
+    """An OpenAI-shaped body to pass through to an upstream unchanged but for ``model``."""
+
+    model: str  # the served model id (resolved)
+    endpoint: str  # "/v1/chat/completions", "/v1/completions", "/v1/embeddings"
+    body: dict[str, Any]
+    priority: Priority = Priority.BATCH
+    deadline: float | None = None
+
+
+@dataclass(slots=True)
+class ForwardResponse:
+    status_code: int
+    body: bytes  # the upstream's response body, as it sent it
+    attempts: int
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class ForwardStream:
+    """A streamed upstream answer: a status and headers first, then the raw SSE bytes."""
+
+    status_code: int
+    chunks: AsyncIterator[bytes]
+    attempts: int
 
 
 class Engine(Protocol):
@@ -102,3 +151,24 @@ class Engine(Protocol):
         ...
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]: ...
+
+
+@runtime_checkable
+class PassthroughEngine(Protocol):
+    """An engine that can also take OpenAI bodies as they are (an upstream HTTP server), so
+    nothing the upstream supports is lost by a round trip through ``GenerationRequest``."""
+
+    def passthrough(self, model: str) -> bool:
+        """Whether ``model`` (a served id) is answered by passing bodies through."""
+        ...
+
+    async def forward(self, request: ForwardRequest) -> ForwardResponse: ...
+
+    async def forward_stream(self, request: ForwardRequest) -> ForwardStream: ...
+
+
+def passthrough_engine(engine: Engine, model: str) -> PassthroughEngine | None:
+    """The engine to pass ``model``'s bodies through, or None if it runs them in-process."""
+    if isinstance(engine, PassthroughEngine) and engine.passthrough(model):
+        return engine
+    return None

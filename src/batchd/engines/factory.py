@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+from batchd import registry
 from batchd.config import Settings
 from batchd.engines.base import Engine
 
@@ -19,10 +22,12 @@ def parse_model_specs(specs: list[str]) -> list[tuple[str, str]]:
 
 
 def build_engine(settings: Settings) -> Engine:
+    if settings.config is not None:
+        return build_from_registry(registry.load(settings.config), settings)
     if settings.engine == "fake":
         from batchd.engines.fake import FakeEngine
 
-        return FakeEngine(step_seconds=0.01, max_seqs=settings.max_seqs)
+        return FakeEngine(step_seconds=settings.fake_step_seconds, max_seqs=settings.max_seqs)
     from batchd.engines.llamacpp_engine import LlamaCppEngine
 
     return LlamaCppEngine(
@@ -34,3 +39,48 @@ def build_engine(settings: Settings) -> Engine:
         max_seqs=settings.max_seqs,
         prefix_sharing=settings.prefix_sharing,
     )
+
+
+def build_from_registry(reg: registry.Registry, settings: Settings) -> Engine:
+    """A router over one embedded engine (every ``llamacpp`` model, sharing its decode
+    threads and KV cache) and one ``openai-http`` engine per upstream model."""
+    from batchd.engines.openai_http import OpenAIHttpEngine
+    from batchd.engines.router import RouterEngine
+
+    engines: list[Engine] = []
+    embedded = reg.llamacpp_models()
+    if embedded:
+        from batchd.engines.llama_model import bundled_gguf
+        from batchd.engines.llamacpp_engine import LlamaCppEngine
+
+        options = reg.llamacpp
+        engine = LlamaCppEngine(
+            models=[
+                (model_id, str(entry.path or bundled_gguf()))
+                for model_id, entry in embedded.items()
+            ],
+            data_dir=settings.data_dir,
+            quant=options.quant or settings.quant,
+            n_threads=options.n_threads or settings.n_threads,
+            ctx_size=options.ctx_size or settings.ctx_size,
+            max_seqs=options.max_seqs or settings.max_seqs,
+            prefix_sharing=(
+                settings.prefix_sharing
+                if options.prefix_sharing is None
+                else options.prefix_sharing
+            ),
+        )
+        # The config's aliases replace the engine's own ("default" for the first model).
+        engine.specs = [
+            replace(
+                spec,
+                aliases=tuple(embedded[spec.id].aliases),
+                bundled=embedded[spec.id].path is None,  # converted to Q8_0 like the default
+            )
+            for spec in engine.specs
+        ]
+        engine.names = {name: spec.id for spec in engine.specs for name in (spec.id, *spec.aliases)}
+        engines.append(engine)
+    for model_id, entry in reg.upstream_models().items():
+        engines.append(OpenAIHttpEngine(model_id, entry, reg.api_keys[model_id]))
+    return RouterEngine(engines)

@@ -40,6 +40,7 @@ import jinja2.sandbox
 import llama_cpp
 import numpy as np
 
+from batchd import metrics
 from batchd.engines.base import (
     GenerationRequest,
     GenerationResult,
@@ -543,6 +544,7 @@ class _ModelRunner:
         seq.text += (
             seq.decoder.decode(b"", final=True) if reason != "stop" or not stop_sequence else ""
         )
+        metrics.count_tokens(seq.job.request.model, len(seq.prompt), len(seq.generated))
         result = GenerationResult(
             text=seq.text,
             finish_reason="length" if reason == "length" else "stop",

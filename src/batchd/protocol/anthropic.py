@@ -88,7 +88,7 @@ class MessageCreateRequest(_Strict):
     system: str | list[Any] | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)
+    top_k: int | None = Field(default=None, ge=0, lt=2**31)
     stop_sequences: list[str] | None = None
     metadata: MetadataParam | None = None
     stream: bool | None = None

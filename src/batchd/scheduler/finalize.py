@@ -12,7 +12,7 @@ import logging
 
 import orjson
 
-from batchd import ids
+from batchd import failpoints, ids
 from batchd.blobs import BlobStore, BlobWriter
 from batchd.store.records import BatchRecord, BatchStatus, FileRecord, RequestState
 from batchd.store.store import Store, now
@@ -118,6 +118,7 @@ def finalize_batch(store: Store, blobs: BlobStore, batch_id: str) -> BatchStatus
         errors.abort()
         raise
     new_files = [f for f in files if f is not None]
+    failpoints.hit("finalize.before_commit")  # the files are written, the batch not yet ended
     ok = store.finalize(
         batch_id,
         [from_status],

@@ -15,12 +15,14 @@ import os
 import secrets
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
+from batchd import metrics
 from batchd.blobs import BlobStore
 from batchd.config import Settings
-from batchd.engines.base import Engine
-from batchd.scheduler.execute import execute
+from batchd.engines.base import Engine, RetryLater
+from batchd.scheduler.execute import RunContext, execute
 from batchd.scheduler.finalize import finalize_batch
 from batchd.scheduler.validation import validate_batch
 from batchd.store.records import (
@@ -57,11 +59,18 @@ class Scheduler:
         self.settings = settings
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         self._wake = asyncio.Event()
+        # A finished request only needs its slot refilled (and, if it was its batch's last
+        # one here, the batch looked at); the full tick (validations, expiry, cancels, every
+        # batch's finalizing) runs when asked for and at least every poll interval. Running it
+        # on every finished request cost a handful of queries per request.
+        self._full_tick_due = True
+        self._finalize_candidates: set[str] = set()
         self._inflight: dict[int, asyncio.Task[None]] = {}
         self._inflight_by_batch: dict[str, set[int]] = {}
         self._validating: set[str] = set()
         self._background: set[asyncio.Task[object]] = set()
         self._stopping = False
+        self._leased_last_tick = 0  # rows the last lease query claimed (for --drain)
         # Bulk work (validating uploads, writing result files) runs here, niced, off the loop.
         self._bulk = ThreadPoolExecutor(
             max_workers=1,
@@ -72,8 +81,20 @@ class Scheduler:
 
     # ------------------------------------------------------------ lifecycle
 
+    @property
+    def exclusive(self) -> bool:
+        """The only worker on its database: SQLite in a locked data dir. A shared database
+        (PostgreSQL) may have other workers whose running rows and unreferenced upload blobs
+        are alive, not orphans."""
+        return self.store.engine.dialect.name == "sqlite"
+
     async def recover(self) -> None:
-        """Crash recovery at start: requeue orphaned running rows, drop orphan blobs."""
+        """Crash recovery at start. The sole worker requeues every running row (whoever ran
+        them is dead) and drops orphan blobs; one of many requeues only rows whose lease
+        lapsed (as the periodic sweep does)."""
+        if not self.exclusive:
+            await self._sweep_lapsed_leases()
+            return
         requeued = await asyncio.to_thread(self.store.requeue_running)
         referenced = await asyncio.to_thread(self.store.all_blob_names)
         removed = await asyncio.to_thread(self.blobs.remove_orphans, referenced)
@@ -85,37 +106,127 @@ class Scheduler:
                 extra={"action": "recovered", "requeued": requeued, "orphans": removed},
             )
 
+    async def _sweep_lapsed_leases(self) -> int:
+        requeued = await asyncio.to_thread(self.store.requeue_running, lapsed_before=now())
+        if requeued:
+            metrics.LEASES_REQUEUED.inc(requeued)
+            log.warning(
+                "requeued %s request(s) whose lease lapsed",
+                requeued,
+                extra={"action": "lapsed_leases_requeued", "requeued": requeued},
+            )
+        return requeued
+
+    def leases_held(self) -> int:
+        return len(self._inflight)
+
     def wake(self) -> None:
+        """Run a full tick now (new batch, cancel, requeued rows)."""
+        self._full_tick_due = True
         self._wake.set()
 
-    async def run(self) -> None:
-        renew_every = max(1.0, self.settings.lease_seconds / 3)
-        last_renew = asyncio.get_running_loop().time()
+    def _nudge(self) -> None:
+        """A request ended: refill the engine (a light tick)."""
+        self._wake.set()
+
+    @property
+    def _renew_every(self) -> float:
+        return max(1.0, self.settings.lease_seconds / 3)
+
+    def idle(self) -> bool:
+        """Nothing held, nothing being validated, and the last lease query found nothing
+        this worker could run."""
+        return not self._inflight and not self._validating and self._leased_last_tick == 0
+
+    async def run(self, *, drain: bool = False) -> None:
+        """Schedule until stopped; with ``drain``, return once the queue holds nothing this
+        worker can run and its own leases are finished."""
+        renew_every = self._renew_every
+        sweep_every = max(1.0, self.settings.lease_seconds / 2)
+        last_renew = last_sweep = last_full = asyncio.get_running_loop().time()
         while not self._stopping:
             try:
-                await self._tick()
+                loop_time = asyncio.get_running_loop().time()
+                if (
+                    self._full_tick_due
+                    or loop_time - last_full >= self.settings.poll_interval_seconds
+                ):
+                    self._full_tick_due = False
+                    last_full = loop_time
+                    self._finalize_candidates.clear()  # the full tick looks at every batch
+                    await self._tick()
+                else:
+                    await self._light_tick()
+                if drain and self.idle():
+                    # One more look after results and finalizing settled, then done.
+                    await self._tick()
+                    if self.idle():
+                        log.info(
+                            "drained: no work left for this worker",
+                            extra={"action": "worker_drained"},
+                        )
+                        return
                 loop_time = asyncio.get_running_loop().time()
                 if self._inflight and loop_time - last_renew >= renew_every:
+                    # The heartbeat: our leases stay ours while we work on them.
                     await asyncio.to_thread(
                         self.store.renew_leases, self.owner, self.settings.lease_seconds
                     )
                     last_renew = loop_time
+                if loop_time - last_sweep >= sweep_every:
+                    # The sweeper: rows of a worker that died (or stalled past its lease) go
+                    # back to the queue; fencing (owner + epoch) stops a stalled one writing.
+                    if await self._sweep_lapsed_leases():
+                        self.wake()
+                    last_sweep = loop_time
             except Exception:
                 log.exception("scheduler tick failed", extra={"action": "tick_failed"})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
             self._wake.clear()
 
-    async def stop(self) -> None:
-        """Stop without writing anything for unfinished work: those rows stay ``running``
-        and are requeued by the next start (or by lease expiry)."""
+    async def stop(self, grace_seconds: float = 0.0) -> None:
+        """Stop leasing; give the requests in hand up to ``grace_seconds`` to finish and
+        commit (their leases renewed meanwhile); hand whatever is left back to the queue."""
         self._stopping = True
         self._wake.set()
+        finished_in_grace = await self._finish_inflight(grace_seconds)
+        if finished_in_grace:
+            log.info(
+                "finished %s request(s) in hand before stopping",
+                finished_in_grace,
+                extra={"action": "stop_finished_inflight", "finished": finished_in_grace},
+            )
         tasks = list(self._inflight.values()) + list(self._background)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._bulk.shutdown(wait=False, cancel_futures=True)
+        # Our unfinished rows go straight back to the queue for the other workers (their
+        # partial work is discarded; each request is answered once, by whoever finishes it).
+        released = await asyncio.to_thread(self.store.release_owned, self.owner)
+        if released:
+            metrics.LEASES_RELEASED.inc(released)
+            log.info(
+                "released %s unfinished request(s) on stop",
+                released,
+                extra={"action": "leases_released", "released": released},
+            )
+
+    async def _finish_inflight(self, grace_seconds: float) -> int:
+        """Wait up to ``grace_seconds`` for the in-flight requests, renewing their leases so
+        that no other worker takes them over meanwhile. Returns how many finished."""
+        pending = set(self._inflight.values())
+        total = len(pending)
+        deadline = time.monotonic() + grace_seconds
+        while pending and time.monotonic() < deadline:
+            timeout = min(self._renew_every, deadline - time.monotonic())
+            _, pending = await asyncio.wait(pending, timeout=max(0.0, timeout))
+            if pending:
+                await asyncio.to_thread(
+                    self.store.renew_leases, self.owner, self.settings.lease_seconds
+                )
+        return total - len(pending)
 
     # ------------------------------------------------------------------ tick
 
@@ -136,7 +247,13 @@ class Scheduler:
     async def _validate(self, batch_id: str) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(
-                self._bulk, validate_batch, self.store, self.blobs, self.settings, batch_id
+                self._bulk,
+                validate_batch,
+                self.store,
+                self.blobs,
+                self.settings,
+                batch_id,
+                self.owner,
             )
         except Exception:
             log.exception("validation crashed", extra={"action": "validation_crashed"})
@@ -186,37 +303,80 @@ class Scheduler:
         free = capacity - len(self._inflight)
         if free <= 0 or (self._inflight and free < max(1, capacity // LEASE_SLICE_FRACTION)):
             return
+        # Rows of a model whose engine is full or whose upstream is down stay queued, so they
+        # cannot take every slot from other models' batches.
+        unavailable = getattr(self.engine, "unavailable_models", None)
+        skip = unavailable() if unavailable is not None else []
         leased = await asyncio.to_thread(
-            self.store.lease, self.owner, free, self.settings.lease_seconds
+            self.store.lease, self.owner, free, self.settings.lease_seconds, skip
         )
+        self._leased_last_tick = len(leased)
+        if leased:
+            metrics.LEASES_CLAIMED.inc(len(leased))
+            metrics.LEASE_SLICES.inc()
         for item in leased:
             task = asyncio.create_task(self._execute(item))
             self._inflight[item.seq] = task
             self._inflight_by_batch.setdefault(item.batch_id, set()).add(item.seq)
 
-    async def _finalize_ready(self) -> None:
-        ids = await asyncio.to_thread(
-            self.store.batch_ids_with_status,
-            BatchStatus.IN_PROGRESS,
-            BatchStatus.CANCELLING,
-            BatchStatus.FINALIZING,
-        )
+    async def _light_tick(self) -> None:
+        await self._fill_engine()
+        if self._finalize_candidates:
+            candidates, self._finalize_candidates = self._finalize_candidates, set()
+            await self._finalize_ready(sorted(candidates))
+
+    async def _finalize_ready(self, candidates: list[str] | None = None) -> None:
+        """Finalize the batches with nothing left to run: ``candidates``, or every batch
+        that is in progress, cancelling or finalizing."""
+        ids = candidates
+        if ids is None:
+            ids = await asyncio.to_thread(
+                self.store.batch_ids_with_status,
+                BatchStatus.IN_PROGRESS,
+                BatchStatus.CANCELLING,
+                BatchStatus.FINALIZING,
+            )
         for batch_id in ids:
             if self._inflight_by_batch.get(batch_id) or batch_id in self._validating:
                 continue
             if await asyncio.to_thread(self.store.has_unfinished, batch_id):
                 continue  # queued work left: not ready, and no need to count its rows
-            await asyncio.get_running_loop().run_in_executor(
+            status = await asyncio.get_running_loop().run_in_executor(
                 self._bulk, finalize_batch, self.store, self.blobs, batch_id
             )
+            if status is not None:
+                metrics.BATCHES_FINALIZED.labels(status.value).inc()
 
     # -------------------------------------------------------------- requests
 
     async def _execute(self, item: LeasedRequest) -> None:
+        started = time.monotonic()
         try:
-            outcome = await self._run_request(item)
+            try:
+                outcome = await self._run_request(item)
+            except RetryLater as later:
+                metrics.LEASES_RELEASED.inc()
+                # The upstream keeps failing but the deadline allows more: give the slot back
+                # and queue the row again (leasing skips the model while its upstream is
+                # blocked); expiry ends it if the deadline passes first.
+                await asyncio.to_thread(self.store.release, item, self.owner, later.attempts)
+                log.info(
+                    "request released for a later try: %s",
+                    later.reason,
+                    extra={
+                        "action": "request_released",
+                        "batch_id": item.batch_id,
+                        "line": item.line_no,
+                        "attempts": later.attempts,
+                    },
+                )
+                return
             committed = await asyncio.to_thread(self.store.complete, item, self.owner, outcome)
-            if not committed:
+            if committed:
+                metrics.REQUESTS_FINISHED.labels(item.endpoint, outcome.state.value).inc()
+                metrics.REQUEST_SECONDS.labels(item.endpoint).observe(time.monotonic() - started)
+            else:
+                metrics.LEASES_LOST.inc()
                 log.warning(
                     "result not committed: lease lost",
                     extra={"action": "lease_lost", "batch_id": item.batch_id, "line": item.line_no},
@@ -232,10 +392,15 @@ class Scheduler:
                 members.discard(item.seq)
                 if not members:
                     del self._inflight_by_batch[item.batch_id]
-            self.wake()
+                    self._finalize_candidates.add(item.batch_id)
+            self._nudge()
 
     async def _run_request(self, item: LeasedRequest) -> RequestOutcome:
-        return await execute(self.engine, item.endpoint, item.body)
+        context = RunContext(
+            deadline=float(item.expires_at) if item.expires_at is not None else None,
+            prior_attempts=item.upstream_attempts,
+        )
+        return await execute(self.engine, item.endpoint, item.body, context)
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[object] = asyncio.create_task(coro)  # type: ignore[arg-type]

@@ -24,11 +24,14 @@ INSERT_CHUNK_ROWS = 2000
 
 
 def validate_batch(
-    store: Store, blobs: BlobStore, settings: Settings, batch_id: str
+    store: Store, blobs: BlobStore, settings: Settings, batch_id: str, owner: str = "local"
 ) -> BatchStatus:
     batch = store.get_batch(batch_id)
     if batch is None or batch.status != BatchStatus.VALIDATING:
         return batch.status if batch else BatchStatus.FAILED
+    claim_seconds = max(settings.lease_seconds, 30)
+    if not store.claim_validation(batch_id, owner, claim_seconds):
+        return BatchStatus.VALIDATING  # another worker is validating it
     store.delete_requests(batch_id)  # leftovers of an interrupted earlier attempt
     file = store.get_file(batch.tenant, batch.input_file_id or "")
     if file is None:
@@ -38,7 +41,11 @@ def validate_batch(
             ).to_wire()
         ]
         store.transition(
-            batch_id, [BatchStatus.VALIDATING], BatchStatus.FAILED, errors=_json(errors)
+            batch_id,
+            [BatchStatus.VALIDATING],
+            BatchStatus.FAILED,
+            claimed_by=owner,
+            errors=_json(errors),
         )
         return BatchStatus.FAILED
 
@@ -53,7 +60,11 @@ def validate_batch(
     if not report.ok:
         errors = [e.to_wire() for e in report.errors]
         store.transition(
-            batch_id, [BatchStatus.VALIDATING], BatchStatus.FAILED, errors=_json(errors)
+            batch_id,
+            [BatchStatus.VALIDATING],
+            BatchStatus.FAILED,
+            claimed_by=owner,
+            errors=_json(errors),
         )
         log.info(
             "batch failed validation",
@@ -68,12 +79,14 @@ def validate_batch(
         ):
             chunk.append(line)
             if len(chunk) >= INSERT_CHUNK_ROWS:
-                store.insert_requests(batch_id, chunk)
+                if not store.insert_requests(batch_id, chunk, claim=(owner, claim_seconds)):
+                    return BatchStatus.VALIDATING  # our claim lapsed; its new holder redoes it
                 chunk = []
-        store.insert_requests(batch_id, chunk)
+        if not store.insert_requests(batch_id, chunk, claim=(owner, claim_seconds)):
+            return BatchStatus.VALIDATING
     model = report.models[0] if len(report.models) == 1 else ",".join(report.models[:8])
     if not store.transition(
-        batch_id, [BatchStatus.VALIDATING], BatchStatus.IN_PROGRESS, model=model
+        batch_id, [BatchStatus.VALIDATING], BatchStatus.IN_PROGRESS, claimed_by=owner, model=model
     ):
         # Cancelled while validating: the rows exist, the scheduler will end them.
         return store.get_batch(batch_id).status  # type: ignore[union-attr]

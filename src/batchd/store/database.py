@@ -1,4 +1,5 @@
-"""Opening the database: SQLite pragmas for durability, Alembic migrations to head."""
+"""Opening the database, SQLite (one process, the default) or PostgreSQL (shared by many),
+and bringing it to the newest schema with the same Alembic migrations on both."""
 
 from __future__ import annotations
 
@@ -8,8 +9,17 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from batchd.errors import BatchdError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+SUPPORTED_DIALECTS = ("sqlite", "postgresql")
+
+
+class DatabaseUrlError(BatchdError):
+    """A --database-url we cannot use (named in the message, password hidden)."""
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -35,14 +45,50 @@ def open_sqlite(path: Path) -> Engine:
     return engine
 
 
+def open_url(url: str) -> Engine:
+    """A database named by URL. PostgreSQL: a pooled engine whose connections are checked
+    before use (a restarted or failed-over server must not surface as a 500)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise DatabaseUrlError(f"not a database URL: {url[:40]!r}...") from None
+    if parsed.get_backend_name() not in SUPPORTED_DIALECTS:
+        raise DatabaseUrlError(
+            f"unsupported database {parsed.get_backend_name()!r} in"
+            f" {parsed.render_as_string(hide_password=True)}: use postgresql+psycopg://"
+        )
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database:
+            raise DatabaseUrlError("a SQLite URL needs a file path: sqlite:////path/batchd.db")
+        return open_sqlite(Path(parsed.database))
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")  # the driver we depend on
+    return create_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def open_database(database_url: str | None, sqlite_path: Path) -> Engine:
+    return open_url(database_url) if database_url else open_sqlite(sqlite_path)
+
+
 def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config
 
 
-def upgrade(engine: Engine) -> None:
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply migrations up to ``revision``. On PostgreSQL the transaction first takes an
+    advisory lock, so several processes starting together migrate one after another."""
     config = alembic_config()
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(2026112501)")
         config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+        command.upgrade(config, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        return MigrationContext.configure(connection).get_current_revision()

@@ -125,6 +125,8 @@ class LeasedRequest:
     body: bytes
     epoch: int
     endpoint: str
+    expires_at: int | None = None  # the batch's deadline: retrying past it is pointless
+    upstream_attempts: int = 0  # upstream HTTP attempts made under earlier leases
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,7 @@ class RequestOutcome:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    upstream_attempts: int = 0  # in all, earlier leases included (0: not run upstream)
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,6 +64,9 @@ batches = Table(
     Column("cancelled_at", BigInteger, nullable=True),
     # Set by retention once the rows' bodies and results are dropped (Anthropic: archived_at).
     Column("archived_at", BigInteger, nullable=True),
+    # The worker validating the batch, and until when (migration 0004).
+    Column("claim_owner", String(64), nullable=True),
+    Column("claim_expires_at", BigInteger, nullable=True),
     Index("ix_batches_tenant_seq", "tenant", "seq"),
     Index("ix_batches_status", "status"),
 )
@@ -88,6 +91,10 @@ requests = Table(
     Column("completion_tokens", Integer, nullable=True),
     Column("cached_tokens", Integer, nullable=True),
     Column("finished_at", BigInteger, nullable=True),
+    # The body's model, so leasing can skip models whose engine is full or upstream down.
+    Column("model", Text, nullable=True),
+    # HTTP attempts an upstream engine made for this row, across every lease of it.
+    Column("upstream_attempts", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("batch_id", "custom_id", name="uq_requests_batch_custom_id"),
     Index("ix_requests_batch_state", "batch_id", "state"),
     Index("ix_requests_batch_line", "batch_id", "line_no"),

@@ -7,13 +7,17 @@ Results are written only by the current lease holder (owner and epoch in the WHE
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import orjson
-from sqlalchemy import Engine, and_, func, insert, select, text, update
+from sqlalchemy import Engine, and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.elements import TextClause
 
 from batchd.ingest import RequestLine
 from batchd.store import schema
@@ -31,19 +35,51 @@ from batchd.store.records import (
     Usage,
 )
 
-_LEASE_SQL = text(
-    """
+_LEASE_TEMPLATE = """
     UPDATE requests
        SET state = 'running', lease_owner = :owner, lease_expires_at = :expires,
            lease_epoch = lease_epoch + 1, attempts = attempts + 1
      WHERE seq IN (
            SELECT r.seq FROM requests r JOIN batches b ON b.id = r.batch_id
-            WHERE r.state = 'pending' AND b.status = 'in_progress'
+            WHERE r.state = 'pending' AND b.status = 'in_progress' {skip}
             ORDER BY b.expires_at, r.batch_id, r.prefix_key, r.line_no
-            LIMIT :n)
-    RETURNING seq, batch_id, line_no, custom_id, body, lease_epoch
+            LIMIT :n {lock})
+    RETURNING seq, batch_id, line_no, custom_id, body, lease_epoch, upstream_attempts
     """
-)
+# PostgreSQL, many workers: each claims a slice of rows no other worker has locked, instead
+# of queueing behind the first claimer's row locks and then finding its rows taken. SQLite
+# has one writer at a time anyway.
+_ROW_LOCKS = {"postgresql": "FOR UPDATE OF r SKIP LOCKED"}
+# Models whose engine is full or whose upstream is down are skipped, so their queue cannot
+# take every slot from other models' batches (rows from before the model column: NULL).
+_SKIP_MODELS = "AND (r.model IS NULL OR r.model NOT IN :skip)"
+
+
+def _lease_sql(dialect: str, skipping: bool) -> TextClause:
+    statement = text(
+        _LEASE_TEMPLATE.format(
+            skip=_SKIP_MODELS if skipping else "", lock=_ROW_LOCKS.get(dialect, "")
+        )
+    )
+    return statement.bindparams(bindparam("skip", expanding=True)) if skipping else statement
+
+
+_LEASE_SQL = {
+    (dialect, skipping): _lease_sql(dialect, skipping)
+    for dialect in ("sqlite", "postgresql")
+    for skipping in (False, True)
+}
+
+
+def _still_leased(leased: LeasedRequest, owner: str) -> tuple[Any, ...]:
+    """The fence: the row is still running under this owner's lease of this epoch."""
+    r = schema.requests
+    return (
+        r.c.seq == leased.seq,
+        r.c.state == RequestState.RUNNING.value,
+        r.c.lease_owner == owner,
+        r.c.lease_epoch == leased.epoch,
+    )
 
 
 def now() -> int:
@@ -53,6 +89,7 @@ def now() -> int:
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._ended_stats = _EndedStats()
 
     # ---------------------------------------------------------------- files
 
@@ -97,6 +134,20 @@ class Store:
             conn.execute(t.delete().where(t.c.id == file_id))
         return _file_record(row)
 
+    def batch_validating_file(self, tenant: str, file_id: str) -> str | None:
+        """The id of a batch still reading ``file_id`` (status validating), if any."""
+        t = schema.batches
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(t.c.id)
+                .where(
+                    t.c.tenant == tenant,
+                    t.c.input_file_id == file_id,
+                    t.c.status == BatchStatus.VALIDATING.value,
+                )
+                .limit(1)
+            ).scalar()
+
     def all_blob_names(self) -> set[str]:
         with self.engine.connect() as conn:
             return set(conn.execute(select(schema.files.c.blob)).scalars())
@@ -117,8 +168,7 @@ class Store:
             if row is None:
                 return None
             record = _batch_record(row)
-            record.counts = self._counts(conn, batch_id)
-            record.usage = self._usage(conn, batch_id)
+            self._attach_stats(conn, [record])
         return record
 
     def list_batches(
@@ -143,9 +193,7 @@ class Store:
                 rows = conn.execute(query.order_by(t.c.seq.desc()).limit(limit + 1)).all()
                 page = rows[:limit]
             records = [_batch_record(r) for r in page]
-            for record in records:
-                record.counts = self._counts(conn, record.id)
-                record.usage = self._usage(conn, record.id)
+            self._attach_stats(conn, records)
         return records, len(rows) > limit
 
     def delete_batch(self, batch_id: str, tenant: str) -> bool:
@@ -166,19 +214,23 @@ class Store:
         batch_id: str,
         from_statuses: Iterable[BatchStatus],
         to_status: BatchStatus,
+        *,
+        claimed_by: str | None = None,
         **values: Any,
     ) -> bool:
         """Move a batch between states; stamps ``<to_status>_at``. False if it was not in
-        one of ``from_statuses`` (a concurrent transition won)."""
+        one of ``from_statuses`` (a concurrent transition won), or, with ``claimed_by``, if
+        that worker no longer holds the batch's validation claim."""
         t = schema.batches
         stamp = f"{to_status.value}_at"
         if stamp in t.c and stamp not in values:
             values[stamp] = now()
+        condition = and_(t.c.id == batch_id, t.c.status.in_([s.value for s in from_statuses]))
+        if claimed_by is not None:
+            condition = and_(condition, t.c.claim_owner == claimed_by)
         with self.engine.begin() as conn:
             changed = conn.execute(
-                update(t)
-                .where(t.c.id == batch_id, t.c.status.in_([s.value for s in from_statuses]))
-                .values(status=to_status.value, **values)
+                update(t).where(condition).values(status=to_status.value, **values)
             ).rowcount
         return bool(changed)
 
@@ -234,10 +286,54 @@ class Store:
 
     # ------------------------------------------------------------- requests
 
-    def insert_requests(self, batch_id: str, lines: Sequence[RequestLine]) -> None:
-        if not lines:
-            return
+    def claim_validation(self, batch_id: str, owner: str, seconds: int) -> bool:
+        """Claim (or renew) the right to validate a batch: granted when nobody holds it, its
+        holder's claim lapsed, or ``owner`` holds it already. With many workers, exactly one
+        turns a file into rows; a worker that died mid-way is replaced once its claim lapses."""
+        t = schema.batches
+        at = now()
         with self.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    update(t)
+                    .where(
+                        t.c.id == batch_id,
+                        t.c.status == BatchStatus.VALIDATING.value,
+                        or_(
+                            t.c.claim_owner.is_(None),
+                            t.c.claim_owner == owner,
+                            t.c.claim_expires_at < at,
+                        ),
+                    )
+                    .values(claim_owner=owner, claim_expires_at=at + seconds)
+                ).rowcount
+            )
+
+    def insert_requests(
+        self,
+        batch_id: str,
+        lines: Sequence[RequestLine],
+        claim: tuple[str, int] | None = None,
+    ) -> bool:
+        """Insert a chunk of a batch's rows. With ``claim`` (owner, seconds), only while that
+        owner still holds the batch's validation claim, renewed in the same transaction: a
+        worker whose claim lapsed and was taken over inserts nothing (False)."""
+        if not lines:
+            return True
+        with self.engine.begin() as conn:
+            if claim is not None:
+                t = schema.batches
+                held = conn.execute(
+                    update(t)
+                    .where(
+                        t.c.id == batch_id,
+                        t.c.status == BatchStatus.VALIDATING.value,
+                        t.c.claim_owner == claim[0],
+                    )
+                    .values(claim_expires_at=now() + claim[1])
+                ).rowcount
+                if not held:
+                    return False
             conn.execute(
                 insert(schema.requests),
                 [
@@ -247,6 +343,7 @@ class Store:
                         "custom_id": line.custom_id,
                         "body": line.body,
                         "prefix_key": line.prefix_key,
+                        "model": line.model,
                         "state": RequestState.PENDING.value,
                         "attempts": 0,
                         "lease_epoch": 0,
@@ -254,28 +351,33 @@ class Store:
                     for line in lines
                 ],
             )
+        return True
 
     def delete_requests(self, batch_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(schema.requests.delete().where(schema.requests.c.batch_id == batch_id))
 
-    def lease(self, owner: str, n: int, lease_seconds: int) -> list[LeasedRequest]:
+    def lease(
+        self, owner: str, n: int, lease_seconds: int, skip_models: Iterable[str] = ()
+    ) -> list[LeasedRequest]:
         if n <= 0:
             return []
+        params: dict[str, Any] = {"owner": owner, "expires": now() + lease_seconds, "n": n}
+        skip = sorted(set(skip_models))
+        if skip:
+            params["skip"] = skip
         with self.engine.begin() as conn:
-            rows = conn.execute(
-                _LEASE_SQL, {"owner": owner, "expires": now() + lease_seconds, "n": n}
-            ).all()
+            rows = conn.execute(_LEASE_SQL[conn.dialect.name, bool(skip)], params).all()
             if not rows:
                 return []
             batch_ids = {r.batch_id for r in rows}
-            endpoints = dict(
-                conn.execute(
-                    select(schema.batches.c.id, schema.batches.c.endpoint).where(
-                        schema.batches.c.id.in_(batch_ids)
-                    )
-                ).all()
-            )
+            b = schema.batches
+            batches = {
+                row.id: row
+                for row in conn.execute(
+                    select(b.c.id, b.c.endpoint, b.c.expires_at).where(b.c.id.in_(batch_ids))
+                )
+            }
         leased = [
             LeasedRequest(
                 seq=r.seq,
@@ -284,7 +386,9 @@ class Store:
                 custom_id=r.custom_id,
                 body=r.body,
                 epoch=r.lease_epoch,
-                endpoint=endpoints[r.batch_id],
+                endpoint=batches[r.batch_id].endpoint,
+                expires_at=batches[r.batch_id].expires_at,
+                upstream_attempts=r.upstream_attempts,
             )
             for r in rows
         ]
@@ -299,6 +403,17 @@ class Store:
                 update(r)
                 .where(r.c.state == RequestState.RUNNING.value, r.c.lease_owner == owner)
                 .values(lease_expires_at=now() + lease_seconds)
+            ).rowcount
+
+    def release_owned(self, owner: str) -> int:
+        """Return ``owner``'s running rows to the queue at once (a worker stopping cleanly),
+        rather than leaving them for the sweeper after their lease lapses."""
+        r = schema.requests
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(r)
+                .where(r.c.state == RequestState.RUNNING.value, r.c.lease_owner == owner)
+                .values(state=RequestState.PENDING.value, lease_owner=None, lease_expires_at=None)
             ).rowcount
 
     def requeue_running(self, *, lapsed_before: int | None = None) -> int:
@@ -320,12 +435,7 @@ class Store:
         with self.engine.begin() as conn:
             changed = conn.execute(
                 update(r)
-                .where(
-                    r.c.seq == leased.seq,
-                    r.c.state == RequestState.RUNNING.value,
-                    r.c.lease_owner == owner,
-                    r.c.lease_epoch == leased.epoch,
-                )
+                .where(*_still_leased(leased, owner))
                 .values(
                     state=outcome.state.value,
                     status_code=outcome.status_code,
@@ -333,7 +443,25 @@ class Store:
                     prompt_tokens=outcome.prompt_tokens,
                     completion_tokens=outcome.completion_tokens,
                     cached_tokens=outcome.cached_tokens,
+                    upstream_attempts=outcome.upstream_attempts,
                     finished_at=now(),
+                    lease_owner=None,
+                    lease_expires_at=None,
+                )
+            ).rowcount
+        return bool(changed)
+
+    def release(self, leased: LeasedRequest, owner: str, upstream_attempts: int) -> bool:
+        """Give a running row back to the queue unfinished (its upstream is failing and the
+        deadline allows another try later), keeping the count of attempts made so far."""
+        r = schema.requests
+        with self.engine.begin() as conn:
+            changed = conn.execute(
+                update(r)
+                .where(*_still_leased(leased, owner))
+                .values(
+                    state=RequestState.PENDING.value,
+                    upstream_attempts=upstream_attempts,
                     lease_owner=None,
                     lease_expires_at=None,
                 )
@@ -502,6 +630,21 @@ class Store:
         with self.engine.begin() as conn:
             return int(conn.execute(t.delete().where(t.c.created_at < older_than)).rowcount)
 
+    def request_state_counts(self) -> dict[str, int]:
+        """Requests per state over the whole database (the metrics' queue depth)."""
+        r = schema.requests
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(r.c.state, func.count()).group_by(r.c.state)).all()
+        counts = {state.value: 0 for state in RequestState}
+        counts.update({str(state): int(n) for state, n in rows})
+        return counts
+
+    def batch_status_counts(self) -> dict[str, int]:
+        b = schema.batches
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(b.c.status, func.count()).group_by(b.c.status)).all()
+        return {str(status): int(n) for status, n in rows}
+
     def has_unfinished(self, batch_id: str) -> bool:
         """Cheap (one index probe): does any request of the batch still need to run?"""
         r = schema.requests
@@ -546,25 +689,80 @@ class Store:
 
     @staticmethod
     def _counts(conn: Any, batch_id: str) -> RequestCounts:
-        r = schema.requests
         counts = RequestCounts()
-        for state, count in conn.execute(
-            select(r.c.state, func.count()).where(r.c.batch_id == batch_id).group_by(r.c.state)
-        ):
-            setattr(counts, state, count)
+        for row in conn.execute(_STATS_OF_BATCHES, {"batch_ids": [batch_id]}):
+            setattr(counts, row.state, row.n)
         return counts
 
-    @staticmethod
-    def _usage(conn: Any, batch_id: str) -> Usage:
-        r = schema.requests
-        row = conn.execute(
-            select(
-                func.coalesce(func.sum(r.c.prompt_tokens), 0),
-                func.coalesce(func.sum(r.c.cached_tokens), 0),
-                func.coalesce(func.sum(r.c.completion_tokens), 0),
-            ).where(r.c.batch_id == batch_id, r.c.state == RequestState.SUCCEEDED.value)
-        ).one()
-        return Usage(input_tokens=row[0], cached_tokens=row[1], output_tokens=row[2])
+    def _attach_stats(self, conn: Any, records: list[BatchRecord]) -> None:
+        """Fill in each record's request counts and token usage: from the cache for ended
+        batches, and for the rest from one grouped query over all of them (a page of 20
+        batches is one query, not 40)."""
+        missing: dict[str, BatchRecord] = {}
+        for record in records:
+            cached = self._ended_stats.get(record.id)
+            if cached is None:
+                missing[record.id] = record
+            else:
+                record.counts, record.usage = replace(cached[0]), replace(cached[1])
+        if not missing:
+            return
+        for record in missing.values():
+            record.counts, record.usage = RequestCounts(), Usage()
+        for row in conn.execute(_STATS_OF_BATCHES, {"batch_ids": list(missing)}):
+            record = missing[row.batch_id]
+            setattr(record.counts, row.state, row.n)
+            if row.state == RequestState.SUCCEEDED.value:
+                record.usage = Usage(
+                    input_tokens=row.prompt, cached_tokens=row.cached, output_tokens=row.completion
+                )
+        for record in missing.values():
+            if record.status in TERMINAL_BATCH_STATUSES:
+                self._ended_stats.put(record.id, (replace(record.counts), replace(record.usage)))
+
+
+class _EndedStats:
+    """Counts and usage of ended batches, which never change again (archiving empties a
+    row's body and result but keeps its state and token counts). Pollers of a finished batch,
+    and every list page, then cost no aggregate query. Bounded, least recently used out;
+    per process, and safe across processes because the cached values are final."""
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[str, tuple[RequestCounts, Usage]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, batch_id: str) -> tuple[RequestCounts, Usage] | None:
+        with self._lock:
+            item = self._items.get(batch_id)
+            if item is not None:
+                self._items.move_to_end(batch_id)
+            return item
+
+    def put(self, batch_id: str, item: tuple[RequestCounts, Usage]) -> None:
+        with self._lock:
+            self._items[batch_id] = item
+            self._items.move_to_end(batch_id)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+
+# One grouped scan of the (batch_id, state) index gives counts per state and, for the
+# succeeded rows, token usage. Built once: constructing a statement per call cost more CPU
+# than running it (measured with py-spy under 200 pollers).
+_R = schema.requests
+_STATS_OF_BATCHES = (
+    select(
+        _R.c.batch_id,
+        _R.c.state,
+        func.count().label("n"),
+        func.coalesce(func.sum(_R.c.prompt_tokens), 0).label("prompt"),
+        func.coalesce(func.sum(_R.c.cached_tokens), 0).label("cached"),
+        func.coalesce(func.sum(_R.c.completion_tokens), 0).label("completion"),
+    )
+    .where(_R.c.batch_id.in_(bindparam("batch_ids", expanding=True)))
+    .group_by(_R.c.batch_id, _R.c.state)
+)
 
 
 def _file_values(record: FileRecord) -> dict[str, Any]:

@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from batchd import registry
+from batchd.engines.upstream import TokenBucket, Upstream, parse_retry_after
+
+GOOD = """
+[llamacpp]
+max_seqs = 8
+
+[models.local]
+engine = "llamacpp"
+aliases = ["default"]
+
+[models.big]
+engine = "openai-http"
+base_urls = ["http://a:8000/v1/", "http://b:8000/v1"]
+upstream_model = "meta/llama"
+api_key_env = "BIG_KEY"
+max_concurrency = 4
+requests_per_minute = 120
+tokens_per_minute = 10000
+"""
+
+
+def test_a_good_registry_parses_and_reads_the_key_from_the_environment() -> None:
+    reg = registry.parse(GOOD, source="t.toml", environ={"BIG_KEY": "sk-1"})
+    assert set(reg.llamacpp_models()) == {"local"}
+    big = reg.upstream_models()["big"]
+    assert big.urls == ("http://a:8000/v1", "http://b:8000/v1")
+    assert reg.api_keys["big"] == "sk-1"
+    assert reg.llamacpp.max_seqs == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "environ", "named"),
+    [
+        (GOOD, {}, "models.big.api_key_env: the environment variable BIG_KEY is not set"),
+        (
+            GOOD.replace("max_concurrency = 4", "max_concurency = 4"),
+            {"BIG_KEY": "k"},
+            "max_concurency",
+        ),
+        (
+            GOOD.replace("max_concurrency = 4", "max_concurrency = 0"),
+            {"BIG_KEY": "k"},
+            "models.big.max_concurrency",
+        ),
+        (GOOD.replace('"openai-http"', '"vllm-magic"'), {"BIG_KEY": "k"}, "models.big"),
+        (GOOD.replace("http://b:8000/v1", "ftp://b"), {"BIG_KEY": "k"}, "models.big.base_urls"),
+        (GOOD.replace("max_seqs = 8", "max_seqs = "), {}, "line 3"),
+        (
+            GOOD
+            + '\n[models.other]\nengine = "openai-http"\nbase_url = "http://c/v1"\naliases = ["default"]\n',
+            {"BIG_KEY": "k"},
+            "'default' already names",
+        ),
+        ("[llamacpp]\n", {}, "models"),
+        ('[models.x]\nengine = "openai-http"\n', {}, "exactly one of base_url or base_urls"),
+    ],
+)
+def test_config_errors_name_the_key_or_line(text: str, environ: dict[str, str], named: str) -> None:
+    with pytest.raises(registry.ConfigError) as excinfo:
+        registry.parse(text, source="t.toml", environ=environ)
+    assert named in str(excinfo.value)
+    assert str(excinfo.value).startswith("t.toml")
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(registry.ConfigError, match="cannot read"):
+        registry.load(tmp_path / "nope.toml")
+
+
+def test_retry_after_forms() -> None:
+    assert parse_retry_after("3") == 3
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0  # in the past: now
+    assert parse_retry_after("99999") == 600  # clamped
+
+
+def test_token_bucket_is_settled_by_reported_usage() -> None:
+    async def scenario() -> None:
+        upstream = Upstream(
+            "http://x/v1", max_concurrency=1, requests_per_minute=None, tokens_per_minute=600
+        )
+        assert upstream.tokens is not None
+        await upstream.admit(500)
+        upstream.release()
+        check(upstream)
+
+    asyncio.run(scenario())
+
+
+def check(upstream: Upstream) -> None:
+    assert upstream.tokens is not None
+    assert not upstream.tokens.has_capacity(200)  # 500 of 600 charged
+    upstream.settle_tokens(500, 100)  # the answer used 100: 400 refunded
+    assert upstream.tokens.has_capacity(400)
+    upstream.settle_tokens(100, 700)  # under-estimated by 600: charged as debt
+    assert not upstream.tokens.has_capacity(1)
+
+
+def test_token_bucket_refund_never_goes_negative() -> None:
+    async def scenario() -> None:
+        bucket = TokenBucket(100, 60)
+        bucket.refund(50)
+        assert bucket.has_capacity(100) and not bucket.has_capacity(101)
+
+    asyncio.run(scenario())
