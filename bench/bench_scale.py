@@ -17,9 +17,8 @@ batch create -> validation -> lease -> result -> finalize -> output file):
       whether the queue keeps K engines fed.
 
 The engine is ``BATCHD_ENGINE=fake`` (src/batchd/engines/fake.py), an echo engine that sleeps
-``step_seconds`` per token. batchd has no setting for ``step_seconds``: the factory fixes it at
-10 ms/token (src/batchd/engines/factory.py); only the number of sequences is configurable
-(``BATCHD_MAX_SEQS``; the fake engine admits 2 x max_seqs requests at once). So:
+``step_seconds`` per token (``BATCHD_FAKE_STEP_SECONDS``, default 10 ms, which this benchmark
+keeps so its records stay comparable) and admits 2 x ``BATCHD_MAX_SEQS`` requests at once. So:
 
 - "near-instant" = max_tokens 1 (one 10 ms step per request) with --instant-max-seqs 64
   (128 requests in flight per process): the engine's own ceiling is ~12,800 requests/s per
