@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     # SQLAlchemy URL of a shared database (postgresql+psycopg://user@host/db). Unset: SQLite
     # in the data dir, for one process.
     database_url: str | None = None
+    # Connections each process keeps open to a shared database, and how many more it may open
+    # at a peak. The server's max_connections must cover (size + overflow) x processes.
+    database_pool_size: int = Field(default=10, ge=1)
+    database_max_overflow: int = Field(default=10, ge=0)
 
     # The model registry (TOML, see registry.py). When set, it alone says which models are
     # served and by which engine; the embedded-engine settings below are its defaults.

@@ -70,7 +70,12 @@ def lock_data_dir(settings: Settings) -> IO[str]:
 
 
 def build_services(settings: Settings, role: Role = "all") -> Services:
-    engine_db = database.open_database(settings.database_url, settings.database_path)
+    engine_db = database.open_database(
+        settings.database_url,
+        settings.database_path,
+        pool_size=settings.database_pool_size,
+        max_overflow=settings.database_max_overflow,
+    )
     database.upgrade(engine_db)
     store = Store(engine_db)
     blobs = BlobStore(settings.files_dir)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -25,6 +26,36 @@ def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
     return str(ScriptDirectory.from_config(database.alembic_config()).get_current_head())
+
+
+class ConnectionWatcher:
+    """Samples, in a thread, how many other sessions are connected to one database, and keeps
+    the most seen."""
+
+    def __init__(self, url: str) -> None:
+        self._engine = create_engine(url)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self.most = 0
+
+    def _watch(self) -> None:
+        query = text(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        with self._engine.connect() as conn:
+            while not self._stop.wait(0.05):
+                self.most = max(self.most, int(conn.execute(query).scalar_one()))
+                conn.rollback()  # a fresh snapshot of pg_stat_activity next time
+
+    def __enter__(self) -> ConnectionWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._engine.dispose()
 
 
 def test_migrations_upgrade_an_empty_database(postgres_url: str) -> None:  # noqa: F811
@@ -90,7 +121,11 @@ def test_server_on_postgres_runs_both_surfaces_and_survives_a_restart(
     tmp_path: Path,
 ) -> None:
     env = {"BATCHD_DATABASE_URL": postgres_url, "BATCHD_API_KEYS": KEY}
-    with running_server(tmp_path / "data", **env) as server:
+    # The first server runs on a pool of 2 connections and no overflow: the setting must bound
+    # what the process holds, and API, scheduler and retention must all get by with 2.
+    small_pool = {"BATCHD_DATABASE_POOL_SIZE": "2", "BATCHD_DATABASE_MAX_OVERFLOW": "0"}
+    watcher = ConnectionWatcher(postgres_url)
+    with watcher, running_server(tmp_path / "data", **env, **small_pool) as server:
         client = openai.OpenAI(base_url=server.openai_base_url, api_key=KEY, max_retries=0)
         lines = [chat_line(f"r{i}", f"Say {i}.", max_tokens=3) for i in range(6)]
         lines.append(chat_line("bad", "Hi", max_tokens=3, model="no-such-model"))
@@ -123,6 +158,7 @@ def test_server_on_postgres_runs_both_surfaces_and_survives_a_restart(
             r.custom_id: r.result.type for r in claude.messages.batches.results(message_batch.id)
         }
         assert results == {"m0": "succeeded", "m1": "succeeded", "m2": "succeeded"}
+    assert 1 <= watcher.most <= 2, watcher.most
     # Nothing of it lives in the data dir's SQLite file: it is all in PostgreSQL.
     assert not (tmp_path / "data" / "batchd.sqlite3").exists()
     with running_server(tmp_path / "data2", **env) as server:

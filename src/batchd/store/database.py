@@ -45,9 +45,10 @@ def open_sqlite(path: Path) -> Engine:
     return engine
 
 
-def open_url(url: str) -> Engine:
-    """A database named by URL. PostgreSQL: a pooled engine whose connections are checked
-    before use (a restarted or failed-over server must not surface as a 500)."""
+def open_url(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> Engine:
+    """A database named by URL. PostgreSQL: a pooled engine (``pool_size`` kept open, up to
+    ``max_overflow`` more at a peak) whose connections are checked before use (a restarted or
+    failed-over server must not surface as a 500)."""
     try:
         parsed = make_url(url)
     except ArgumentError:
@@ -63,11 +64,15 @@ def open_url(url: str) -> Engine:
         return open_sqlite(Path(parsed.database))
     if parsed.drivername == "postgresql":
         parsed = parsed.set(drivername="postgresql+psycopg")  # the driver we depend on
-    return create_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    return create_engine(parsed, pool_size=pool_size, max_overflow=max_overflow, pool_pre_ping=True)
 
 
-def open_database(database_url: str | None, sqlite_path: Path) -> Engine:
-    return open_url(database_url) if database_url else open_sqlite(sqlite_path)
+def open_database(
+    database_url: str | None, sqlite_path: Path, *, pool_size: int = 10, max_overflow: int = 10
+) -> Engine:
+    if database_url:
+        return open_url(database_url, pool_size=pool_size, max_overflow=max_overflow)
+    return open_sqlite(sqlite_path)
 
 
 def alembic_config() -> Config:
