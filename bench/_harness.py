@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import os
 import platform
@@ -137,6 +138,21 @@ def machine() -> str:
                 cpu = line.split(":", 1)[1].strip()
                 break
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+
+
+def append_record(command: str, report: list[str], title: str = "") -> None:
+    """Append one run to bench/RESULTS.md: when, on what machine, the command, what it printed."""
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    heading = f"{stamp} — {title}" if title else stamp
+    with RESULTS.open("a") as out:
+        out.write(
+            f"\n## {heading}\n\nmachine: {machine()}\n\ncommand: `{command}`\n\n```\n"
+            + "\n".join(report)
+            + "\n```\n"
+        )
 
 
 def percentile(values: list[float], q: float) -> float:

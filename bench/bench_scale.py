@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
 import subprocess
 import sys
@@ -57,9 +56,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
-from _harness import free_port, machine, run_batch, small_chat_workload
+from _harness import append_record, free_port, machine, run_batch, small_chat_workload
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 ADMIN_URL = os.environ.get(
     "BATCHD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
@@ -452,17 +450,12 @@ def main() -> None:
 
     print(f"(whole run: {time.monotonic() - started:.0f} s)", flush=True)
     if not args.no_record:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         command = (
             f"python bench/bench_scale.py --n {args.n} --workers {args.workers} --parts"
             f" {args.parts} --instant-max-seqs {args.instant_max_seqs} --sim-max-seqs"
             f" {args.sim_max_seqs} --sim-tokens {args.sim_tokens}"
         )
-        with RESULTS.open("a") as out:
-            out.write(
-                f"\n## {stamp} — scale-out\n\nmachine: {machine()}\n\ncommand: `{command}`\n\n"
-                "```\n" + "\n".join(report) + "\n```\n"
-            )
+        append_record(command, report, "scale-out")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Run: .venv/bin/python bench/bench_throughput.py [--parts 1,2,3,4] [--n 64]
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shutil
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from _harness import (
+    append_record,
     chat_body,
     machine,
     percentile,
@@ -39,7 +39,6 @@ from _harness import (
     small_chat_workload,
 )
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 SYSTEM_PROMPT = (
     "You are a meticulous support assistant for a company that sells hiking equipment. "
     "Follow these policies. Returns are accepted within 60 days with a receipt; items must be "
@@ -354,12 +353,7 @@ def main() -> None:
     if 6 in parts:
         part_interference(report)
     if not args.no_record:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        with RESULTS.open("a") as out:
-            out.write(
-                f"\n## {stamp}\n\nmachine: {machine()}\n\ncommand: `python bench/bench_throughput.py"
-                f" --parts {args.parts} --n {args.n}`\n\n```\n" + "\n".join(report) + "\n```\n"
-            )
+        append_record(f"python bench/bench_throughput.py --parts {args.parts} --n {args.n}", report)
 
 
 if __name__ == "__main__":

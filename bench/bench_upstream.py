@@ -17,7 +17,6 @@ concurrency of (2) into throughput.
 from __future__ import annotations
 
 import argparse
-import datetime
 import sys
 import tempfile
 import time
@@ -31,9 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' helpe
 from tests.faultproxy import FaultProxy
 from tests.upstreamproc import UPSTREAM_MODEL, llama_server
 
-from _harness import machine, run_batch, server, small_chat_workload
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from _harness import append_record, machine, run_batch, server, small_chat_workload
 
 
 def naive_sequential(base_url: str, bodies: list[dict[str, Any]]) -> tuple[float, int]:
@@ -105,13 +102,11 @@ def main() -> None:
         f"{achieved:.2f} (peak {peak}, {sent} requests), utilisation = {achieved / args.concurrency:.2f}"
     )
     if not args.no_record:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        with RESULTS.open("a") as out:
-            out.write(
-                f"\n## {stamp} — upstream engine\n\nmachine: {machine()}\n\ncommand: "
-                f"`python bench/bench_upstream.py --n {args.n} --max-tokens {args.max_tokens} "
-                f"--concurrency {args.concurrency}`\n\n```\n" + "\n".join(report) + "\n```\n"
-            )
+        command = (
+            f"python bench/bench_upstream.py --n {args.n} --max-tokens {args.max_tokens}"
+            f" --concurrency {args.concurrency}"
+        )
+        append_record(command, report, "upstream engine")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import datetime
 import json
 import os
 import random
@@ -36,9 +35,8 @@ from typing import Any
 import httpx
 import openai
 
-from _harness import machine, percentile, server, small_chat_workload
+from _harness import append_record, machine, percentile, server, small_chat_workload
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 API_KEY = "bench"  # the bench server runs without keys; any key is accepted
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 SUBMITTER_POLL_SECONDS = 0.05
@@ -334,18 +332,12 @@ def main() -> None:
     ]
     print("\n".join(report), flush=True)
     if not args.no_record:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         command = (
             f"python bench/load.py --clients {args.clients} --n {args.n} --max-tokens"
             f" {args.max_tokens} --rounds {args.rounds} --interval {args.interval:g}"
             f" --list-every {args.list_every} --idle-seconds {args.idle_seconds:g}"
         )
-        with RESULTS.open("a") as out:
-            out.write(
-                f"\n## {stamp}\n\nmachine: {machine()}\n\ncommand: `{command}`\n\n```\n"
-                + "\n".join(report)
-                + "\n```\n"
-            )
+        append_record(command, report)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     database_url: str | None = None
     # Connections each process keeps open to a shared database, and how many more it may open
     # at a peak. The server's max_connections must cover (size + overflow) x processes.
+    # How old the request counts of a running batch may be in a retrieve or list: pollers of
+    # one batch share a count per interval instead of each re-counting all its rows. 0: count
+    # on every read. A changed status is always shown with counts taken under it.
+    batch_counts_max_age_seconds: float = Field(default=1.0, ge=0)
     database_pool_size: int = Field(default=10, ge=1)
     database_max_overflow: int = Field(default=10, ge=0)
 

@@ -190,8 +190,13 @@ def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchReco
     return record
 
 
-def get_batch(services: Services, tenant: str, batch_id: str, surface: str) -> BatchRecord:
-    record = services.store.get_batch(batch_id, tenant)
+def get_batch(
+    services: Services, tenant: str, batch_id: str, surface: str, *, for_poller: bool = False
+) -> BatchRecord:
+    """The tenant's batch on ``surface``, or NotFound. ``for_poller``: a client's read, whose
+    counts of a running batch may be up to ``batch_counts_max_age_seconds`` old."""
+    max_age = services.settings.batch_counts_max_age_seconds if for_poller else 0.0
+    record = services.store.get_batch(batch_id, tenant, stats_max_age=max_age)
     if record is None or record.surface != surface:
         raise NotFound(f"No batch found with id '{batch_id}'.", param="batch_id")
     return record

@@ -85,3 +85,28 @@ def test_transitions_name_their_from_states(tmp_path: Path) -> None:
     batch = store.get_batch("batch_b")
     assert batch is not None and batch.status == BatchStatus.CANCELLED
     assert batch.cancelled_at is not None and batch.counts.canceled == 1
+
+
+def test_pollers_share_a_recent_count_but_never_across_a_status_change(tmp_path: Path) -> None:
+    store = make_store(tmp_path)
+    add_batch(store, "batch_p", 3)
+    polled = store.get_batch("batch_p", stats_max_age=3600)
+    assert polled is not None and polled.counts.pending == 3
+    leased = store.lease("worker-1", 1, lease_seconds=30)
+    ok = RequestOutcome(RequestState.SUCCEEDED, 200, b'{"ok":1}', 3, 4, 0)
+    assert store.complete(leased[0], "worker-1", ok)
+
+    # A poller may see the count of up to stats_max_age ago; the scheduler's read counts now.
+    stale = store.get_batch("batch_p", stats_max_age=3600)
+    assert stale is not None and (stale.counts.pending, stale.counts.succeeded) == (3, 0)
+    fresh = store.get_batch("batch_p")
+    assert fresh is not None and (fresh.counts.pending, fresh.counts.succeeded) == (2, 1)
+    assert fresh.usage.output_tokens == 4
+    page, _ = store.list_batches("t", "openai", after=None, limit=10, stats_max_age=3600)
+    assert page[0].counts.succeeded == 1, "a fresh count refreshes what pollers share"
+
+    # A new status is always shown with counts taken under it.
+    assert store.complete(store.lease("worker-1", 1, lease_seconds=30)[0], "worker-1", ok)
+    assert store.transition("batch_p", [BatchStatus.IN_PROGRESS], BatchStatus.CANCELLING)
+    cancelling = store.get_batch("batch_p", stats_max_age=3600)
+    assert cancelling is not None and cancelling.counts.succeeded == 2

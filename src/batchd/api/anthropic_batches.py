@@ -68,7 +68,12 @@ def list_message_batches(
     if before_id and after_id:
         raise InvalidRequest("Only one of before_id and after_id may be given.", param="before_id")
     records, has_more = services.store.list_batches(
-        tenant, SURFACE, after=after_id, before=before_id, limit=limit
+        tenant,
+        SURFACE,
+        after=after_id,
+        before=before_id,
+        limit=limit,
+        stats_max_age=services.settings.batch_counts_max_age_seconds,
     )
     base_url = _base_url(request, services)
     return am.list_object([am.message_batch_object(r, base_url) for r in records], has_more)
@@ -78,7 +83,7 @@ def list_message_batches(
 def retrieve_message_batch(
     message_batch_id: str, request: Request, tenant: Tenant, services: ServicesDep
 ) -> dict[str, Any]:
-    record = service.get_batch(services, tenant, message_batch_id, SURFACE)
+    record = service.get_batch(services, tenant, message_batch_id, SURFACE, for_poller=True)
     return am.message_batch_object(record, _base_url(request, services))
 
 

@@ -46,13 +46,19 @@ def list_batches(
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> dict[str, Any]:
-    records, has_more = services.store.list_batches(tenant, "openai", after=after, limit=limit)
+    records, has_more = services.store.list_batches(
+        tenant,
+        "openai",
+        after=after,
+        limit=limit,
+        stats_max_age=services.settings.batch_counts_max_age_seconds,
+    )
     return oa.list_object([oa.batch_object(r) for r in records], has_more)
 
 
 @router.get("/v1/batches/{batch_id}")
 def retrieve_batch(batch_id: str, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
-    return oa.batch_object(service.get_batch(services, tenant, batch_id, "openai"))
+    return oa.batch_object(service.get_batch(services, tenant, batch_id, "openai", for_poller=True))
 
 
 @router.post("/v1/batches/{batch_id}/cancel")

@@ -96,7 +96,15 @@ requests = Table(
     # HTTP attempts an upstream engine made for this row, across every lease of it.
     Column("upstream_attempts", Integer, nullable=False, default=0, server_default="0"),
     UniqueConstraint("batch_id", "custom_id", name="uq_requests_batch_custom_id"),
-    Index("ix_requests_batch_state", "batch_id", "state"),
+    # Also carries the token columns: a batch's counts and usage come from the index alone.
+    Index(
+        "ix_requests_batch_state_tokens",
+        "batch_id",
+        "state",
+        "prompt_tokens",
+        "cached_tokens",
+        "completion_tokens",
+    ),
     Index("ix_requests_batch_line", "batch_id", "line_no"),
     Index("ix_requests_state_prefix", "state", "prefix_key"),
 )

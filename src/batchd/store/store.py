@@ -90,6 +90,7 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._ended_stats = _EndedStats()
+        self._recent_stats = _RecentStats()
 
     # ---------------------------------------------------------------- files
 
@@ -158,7 +159,12 @@ class Store:
         with self.engine.begin() as conn:
             conn.execute(insert(schema.batches).values(**values))
 
-    def get_batch(self, batch_id: str, tenant: str | None = None) -> BatchRecord | None:
+    def get_batch(
+        self, batch_id: str, tenant: str | None = None, *, stats_max_age: float = 0.0
+    ) -> BatchRecord | None:
+        """The batch with its request counts and usage. ``stats_max_age``: how many seconds
+        old the counts of a running batch may be (pollers' reads; 0, the default, counts now:
+        the scheduler decides on these)."""
         t = schema.batches
         query = select(t).where(t.c.id == batch_id)
         if tenant is not None:
@@ -168,14 +174,22 @@ class Store:
             if row is None:
                 return None
             record = _batch_record(row)
-            self._attach_stats(conn, [record])
+            self._attach_stats(conn, [record], stats_max_age)
         return record
 
     def list_batches(
-        self, tenant: str, surface: str, *, after: str | None, limit: int, before: str | None = None
+        self,
+        tenant: str,
+        surface: str,
+        *,
+        after: str | None,
+        limit: int,
+        before: str | None = None,
+        stats_max_age: float = 0.0,
     ) -> tuple[list[BatchRecord], bool]:
         """Newest first. ``after``: the page older than that id; ``before``: the page newer
-        than it (still newest first), with ``has_more`` meaning more newer ones exist."""
+        than it (still newest first), with ``has_more`` meaning more newer ones exist.
+        ``stats_max_age`` as in get_batch."""
         t = schema.batches
         query = select(t).where(t.c.tenant == tenant, t.c.surface == surface)
         with self.engine.connect() as conn:
@@ -193,7 +207,7 @@ class Store:
                 rows = conn.execute(query.order_by(t.c.seq.desc()).limit(limit + 1)).all()
                 page = rows[:limit]
             records = [_batch_record(r) for r in page]
-            self._attach_stats(conn, records)
+            self._attach_stats(conn, records, stats_max_age)
         return records, len(rows) > limit
 
     def delete_batch(self, batch_id: str, tenant: str) -> bool:
@@ -694,13 +708,16 @@ class Store:
             setattr(counts, row.state, row.n)
         return counts
 
-    def _attach_stats(self, conn: Any, records: list[BatchRecord]) -> None:
+    def _attach_stats(self, conn: Any, records: list[BatchRecord], max_age: float = 0.0) -> None:
         """Fill in each record's request counts and token usage: from the cache for ended
-        batches, and for the rest from one grouped query over all of them (a page of 20
-        batches is one query, not 40)."""
+        batches; for running ones, from a count at most ``max_age`` seconds old taken while
+        the batch had the same status; and for the rest from one grouped query over all of
+        them (a page of 20 batches is one query, not 40)."""
         missing: dict[str, BatchRecord] = {}
         for record in records:
             cached = self._ended_stats.get(record.id)
+            if cached is None and max_age > 0:
+                cached = self._recent_stats.get(record.id, record.status, max_age)
             if cached is None:
                 missing[record.id] = record
             else:
@@ -717,8 +734,11 @@ class Store:
                     input_tokens=row.prompt, cached_tokens=row.cached, output_tokens=row.completion
                 )
         for record in missing.values():
+            item = (replace(record.counts), replace(record.usage))
             if record.status in TERMINAL_BATCH_STATUSES:
-                self._ended_stats.put(record.id, (replace(record.counts), replace(record.usage)))
+                self._ended_stats.put(record.id, item)
+            else:
+                self._recent_stats.put(record.id, record.status, item)
 
 
 class _EndedStats:
@@ -747,8 +767,42 @@ class _EndedStats:
                 self._items.popitem(last=False)
 
 
-# One grouped scan of the (batch_id, state) index gives counts per state and, for the
-# succeeded rows, token usage. Built once: constructing a statement per call cost more CPU
+class _RecentStats:
+    """Counts and usage of running batches, each with when it was counted and the batch's
+    status then. Counting a batch of 50,000 rows costs ~15 ms of CPU, so 200 clients polling
+    it every second would take a core; with this they share one count per ``max_age``. A count
+    is reused only while the batch keeps the status it had, so a batch never shows ``completed``
+    (or any new status) with the counts of an earlier one. Bounded, least recently used out."""
+
+    def __init__(self, capacity: int = 20_000) -> None:
+        self._capacity = capacity
+        self._items: OrderedDict[str, tuple[float, BatchStatus, tuple[RequestCounts, Usage]]]
+        self._items = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(
+        self, batch_id: str, status: BatchStatus, max_age: float
+    ) -> tuple[RequestCounts, Usage] | None:
+        with self._lock:
+            entry = self._items.get(batch_id)
+            if entry is None:
+                return None
+            counted_at, counted_status, item = entry
+            if counted_status != status or time.monotonic() - counted_at > max_age:
+                return None
+            self._items.move_to_end(batch_id)
+            return item
+
+    def put(self, batch_id: str, status: BatchStatus, item: tuple[RequestCounts, Usage]) -> None:
+        with self._lock:
+            self._items[batch_id] = (time.monotonic(), status, item)
+            self._items.move_to_end(batch_id)
+            while len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+
+
+# One grouped scan of the (batch_id, state, tokens...) index gives counts per state and, for
+# the succeeded rows, token usage, without reading the rows. Built once: constructing a statement per call cost more CPU
 # than running it (measured with py-spy under 200 pollers).
 _R = schema.requests
 _STATS_OF_BATCHES = (
