@@ -195,6 +195,14 @@ def test_replicas_and_workers_run_two_tenants_exactly_once_through_a_kill_9(
     # Tenants stay apart across replicas.
     assert {x.id for x in b.batches.list().data} == {batches[1][1]}
     assert cluster.states() == {"succeeded": 60}
+    # Three workers saw the last rows finish; each batch has exactly one output file.
+    engine = create_engine(cluster.url)
+    with engine.connect() as conn:
+        outputs = conn.execute(
+            text("SELECT filename, count(*) FROM files WHERE purpose = 'batch_output' GROUP BY 1")
+        ).all()
+    engine.dispose()
+    assert sorted(outputs) == sorted((f"{bid}_output.jsonl", 1) for _, bid, _, _ in batches)
     survivors = "".join(w.log() for w in cluster.workers[1:])
     assert "whose lease lapsed" in survivors  # the sweeper requeued the dead worker's rows
 
@@ -205,13 +213,16 @@ def test_cancel_through_one_replica_stops_the_workers_and_sigterm_releases_rows(
 ) -> None:
     first, second = cluster.client(KEY_A, replica=0), cluster.client(KEY_A, replica=1)
     batch_id = submit(first, "c-", 60, max_tokens=24)
+    leaver = cluster.workers[2]
     deadline = time.monotonic() + 120
-    while cluster.states().get("running", 0) < 2:
-        assert time.monotonic() < deadline
+    while cluster.leased_by(leaver) == 0:
+        assert time.monotonic() < deadline, cluster.states()
         time.sleep(0.1)
-    # A clean stop hands the worker's rows back at once (no lease to wait out).
-    cluster.workers[2].signal(signal.SIGTERM)
-    assert "released" in cluster.workers[2].log() or "stopped" in cluster.workers[2].log()
+    # A clean stop finishes or hands back the worker's rows at once (no lease to wait out).
+    leaver.signal(signal.SIGTERM)
+    assert leaver.proc is not None and leaver.proc.returncode == 0, leaver.tail()
+    assert "in hand before stopping" in leaver.log() or "released" in leaver.log()
+    assert cluster.leased_by(leaver) == 0
     second.batches.cancel(batch_id)
     polled = first.batches.retrieve(batch_id)  # the other replica serves polls meanwhile
     assert polled.status in ("cancelling", "cancelled")
@@ -220,6 +231,7 @@ def test_cancel_through_one_replica_stops_the_workers_and_sigterm_releases_rows(
     answered_once(second, done, [f"c-{i}" for i in range(60)])
     states = cluster.states()
     assert set(states) <= {"succeeded", "canceled"} and sum(states.values()) == 60
+    assert states.get("canceled", 0) > 0, states  # the cancel stopped work that was left
 
 
 # ----------------------------------------------------- one API, workers started by the test
@@ -370,3 +382,125 @@ def test_drain_runs_the_queue_dry_then_exits_and_sigterm_finishes_work_in_hand(
         answered_once(client, done, [f"t-{i}" for i in range(12)])
     finally:
         closer.stop()
+
+
+# ------------------------------------ scheduling across workers, on the fake engine (says so)
+
+FAKE = {"BATCHD_ENGINE": "fake"}  # these tests are about who stops what, not about the model
+
+
+def long_lines(prefix: str, n: int, words: int) -> list[dict[str, object]]:
+    """Lines the fake engine answers with ``words`` tokens (it echoes the prompt's words)."""
+    return [
+        chat_line(f"{prefix}{i}", " ".join(["word"] * words), max_tokens=words) for i in range(n)
+    ]
+
+
+def held_by(metrics_port: int) -> float:
+    return sample(scrape(f"http://127.0.0.1:{metrics_port}/metrics"), "batchd_leases_held_requests")
+
+
+def wait_held(metrics_port: int, want: float, worker: Proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    held: float | None = None
+    while held != want:
+        assert time.monotonic() < deadline, f"holds {held}, want {want}:\n{worker.tail()}"
+        with contextlib.suppress(httpx.HTTPError):  # its metrics port may not be up yet
+            held = held_by(metrics_port)
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_cancel_and_expiry_stop_the_worker_that_holds_the_rows(pair: Pair) -> None:
+    """A cancel through the API and a lapsed completion window must stop the tasks of the
+    worker holding the rows, whichever worker's tick sees the batch first. Each request would
+    take the fake engine 100 s (200 tokens at 0.5 s); the holder ticks every 3 s, a bystander
+    worker every 0.2 s, so the bystander almost always sees the cancel first."""
+    client = pair.client()
+    expiring = client.batches.create(
+        input_file_id=upload(client, long_lines("x-", 4, 200)),
+        endpoint="/v1/chat/completions",
+        completion_window="1m",
+    ).id
+    cancelled = client.batches.create(
+        input_file_id=upload(client, long_lines("c-", 4, 200)),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    ).id
+    holder_port = free_port()
+    holder = pair.worker(
+        "holder",
+        "--metrics-port",
+        str(holder_port),
+        **FAKE,
+        BATCHD_FAKE_STEP_SECONDS="0.5",
+        BATCHD_POLL_INTERVAL_SECONDS="3",
+    )
+    bystander = None
+    try:
+        holder.wait_for_log("running")
+        wait_held(holder_port, 8, holder, timeout=120)  # every row of both batches
+        bystander = pair.worker("bystander", **FAKE)
+        bystander.wait_for_log("running")
+
+        client.batches.cancel(cancelled)
+        done = wait_for(client, cancelled, timeout=60)
+        assert done.status == "cancelled" and done.request_counts.failed == 4, done
+        answered_once(client, done, [f"c-{i}" for i in range(4)])
+        wait_held(holder_port, 4, holder, timeout=30)  # it stopped the cancelled rows' tasks
+
+        done = wait_for(client, expiring, timeout=180)
+        assert done.status == "expired", done
+        answered_once(client, done, [f"x-{i}" for i in range(4)])
+        wait_held(holder_port, 0, holder, timeout=30)
+        page = scrape(f"http://127.0.0.1:{holder_port}/metrics")
+        # Stopped, not run to the end and then refused by the fence.
+        assert sample(page, "batchd_leases_lost_requests_total") == 0
+        assert pair.scalar("SELECT count(*) FROM requests WHERE state = 'canceled'") == 4
+        assert pair.scalar("SELECT count(*) FROM requests WHERE state = 'expired'") == 4
+    finally:
+        holder.stop()
+        if bystander is not None:
+            bystander.stop()
+
+
+@pytest.mark.slow
+def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(pair: Pair) -> None:
+    """SIGSTOP a worker mid-lease (a GC pause, a frozen VM): its leases lapse, another worker
+    sweeps the rows back and answers them; woken with SIGCONT, the first worker's heartbeat
+    finds its leases gone and stops those requests. Every request is answered once."""
+    client = pair.client()
+    batch_id = client.batches.create(
+        input_file_id=upload(client, long_lines("z-", 8, 30)),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    ).id
+    frozen_port = free_port()
+    frozen = pair.worker(
+        "frozen", "--metrics-port", str(frozen_port), **FAKE, BATCHD_FAKE_STEP_SECONDS="0.3"
+    )
+    rescuer = None
+    try:
+        wait_held(frozen_port, 8, frozen, timeout=120)  # 9 s of work each
+        assert frozen.proc is not None
+        frozen.proc.send_signal(signal.SIGSTOP)
+        rescuer = pair.worker("rescuer", **FAKE, BATCHD_FAKE_STEP_SECONDS="0.01")
+        done = wait_for(client, batch_id, timeout=120)
+        assert done.status == "completed" and done.request_counts.completed == 8, done
+        # The rescuer took every row over: each was leased a second time, with a new epoch.
+        assert (
+            pair.scalar("SELECT min(lease_epoch) FROM requests WHERE batch_id = :b", b=batch_id)
+            == 2
+        )
+        frozen.proc.send_signal(signal.SIGCONT)
+        frozen.wait_for_log("lost the lease of 8 request(s)", timeout=60)
+        wait_held(frozen_port, 0, frozen, timeout=30)
+        assert "result not committed" not in frozen.log()  # stopped before it could try
+        answered_once(client, done, [f"z-{i}" for i in range(8)])
+        assert pair.scalar("SELECT count(*) FROM requests WHERE state = 'succeeded'") == 8
+    finally:
+        if frozen.proc is not None and frozen.proc.poll() is None:
+            frozen.proc.send_signal(signal.SIGCONT)
+        frozen.stop()
+        if rescuer is not None:
+            rescuer.stop()

@@ -64,10 +64,45 @@ def test_lease_complete_and_fencing(tmp_path: Path) -> None:
     again = store.lease("worker-2", 5, lease_seconds=30)
     assert {r.line_no for r in again} == {2, 3}
     assert not store.complete(leased[1], "worker-1", ok)
-    stale_epoch = next(r for r in again if r.line_no == 2)
-    assert store.complete(stale_epoch, "worker-2", ok)
+    fresh = next(r for r in again if r.line_no == 2)
+    assert fresh.epoch == leased[1].epoch + 1
+    assert store.complete(fresh, "worker-2", ok)
     counts = store.counts("batch_a")
     assert (counts.succeeded, counts.running) == (2, 1)
+
+
+def test_the_epoch_fences_the_same_worker_after_its_own_lease_lapsed(tmp_path: Path) -> None:
+    """The owner alone is not the fence: a worker that stalled past its lease and then got the
+    same row again holds a newer epoch, and its stale task must not write with the old one."""
+    store = make_store(tmp_path)
+    add_batch(store, "batch_e", 1)
+    (first,) = store.lease("worker-1", 1, lease_seconds=30)
+    assert store.requeue_running(lapsed_before=now() + 60) == 1
+    (second,) = store.lease("worker-1", 1, lease_seconds=30)
+    assert (second.seq, second.epoch) == (first.seq, first.epoch + 1)
+    assert store.held_leases("worker-1") == {(second.seq, second.epoch)}
+    ok = RequestOutcome(RequestState.SUCCEEDED, 200, b'{"ok":1}', 3, 4, 0)
+    assert not store.release(first, "worker-1", 0), "a stale epoch cannot hand the row back"
+    assert not store.complete(first, "worker-1", ok), "a stale epoch cannot write a result"
+    assert store.complete(second, "worker-1", ok)
+    assert store.counts("batch_e").succeeded == 1
+
+
+def test_a_worker_ends_only_its_own_running_rows(tmp_path: Path) -> None:
+    """Cancel and expiry across workers: each worker ends the rows it holds (after stopping
+    their tasks); another worker's rows stay running until that worker stops them."""
+    store = make_store(tmp_path)
+    add_batch(store, "batch_o", 4)
+    mine = store.lease("worker-1", 2, lease_seconds=30)
+    theirs = store.lease("worker-2", 2, lease_seconds=30)
+    assert store.end_running("batch_o", RequestState.CANCELED, "worker-1") == 2
+    counts = store.counts("batch_o")
+    assert (counts.canceled, counts.running) == (2, 2)
+    assert store.held_leases("worker-2") == {(r.seq, r.epoch) for r in theirs}
+    assert store.held_leases("worker-1") == set()
+    assert not store.complete(
+        mine[0], "worker-1", RequestOutcome(RequestState.SUCCEEDED, 200, b"{}", 1, 1, 0)
+    )
 
 
 def test_transitions_name_their_from_states(tmp_path: Path) -> None:

@@ -77,7 +77,13 @@ def final_status(batch: BatchRecord) -> BatchStatus:
 
 def finalize_batch(store: Store, blobs: BlobStore, batch_id: str) -> BatchStatus | None:
     """Write the result files and end the batch. Returns the final status, or None if the
-    batch was not ready or another finalizer committed first."""
+    batch was not ready, another worker is finalizing it, or another finalizer committed
+    first."""
+    with store.finalize_lock(batch_id) as ours:
+        return _finalize(store, blobs, batch_id) if ours else None
+
+
+def _finalize(store: Store, blobs: BlobStore, batch_id: str) -> BatchStatus | None:
     batch = store.get_batch(batch_id)
     if batch is None or batch.status.terminal or batch.counts.unfinished:
         return None

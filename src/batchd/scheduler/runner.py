@@ -66,6 +66,9 @@ class Scheduler:
         self._full_tick_due = True
         self._finalize_candidates: set[str] = set()
         self._inflight: dict[int, asyncio.Task[None]] = {}
+        # The lease of each in-flight row whose task is still working on it (a row leaves
+        # this map when its task starts committing): what the heartbeat checks for loss.
+        self._working: dict[int, LeasedRequest] = {}
         self._inflight_by_batch: dict[str, set[int]] = {}
         self._validating: set[str] = set()
         self._background: set[asyncio.Task[object]] = set()
@@ -141,9 +144,15 @@ class Scheduler:
     async def run(self, *, drain: bool = False) -> None:
         """Schedule until stopped; with ``drain``, return once the queue holds nothing this
         worker can run and its own leases are finished."""
-        renew_every = self._renew_every
-        sweep_every = max(1.0, self.settings.lease_seconds / 2)
-        last_renew = last_sweep = last_full = asyncio.get_running_loop().time()
+        keeper = asyncio.create_task(self._keep_leases())
+        try:
+            await self._schedule(drain)
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+    async def _schedule(self, drain: bool) -> None:
+        last_full = asyncio.get_running_loop().time()
         while not self._stopping:
             try:
                 loop_time = asyncio.get_running_loop().time()
@@ -166,24 +175,61 @@ class Scheduler:
                             extra={"action": "worker_drained"},
                         )
                         return
-                loop_time = asyncio.get_running_loop().time()
-                if self._inflight and loop_time - last_renew >= renew_every:
-                    # The heartbeat: our leases stay ours while we work on them.
-                    await asyncio.to_thread(
-                        self.store.renew_leases, self.owner, self.settings.lease_seconds
-                    )
-                    last_renew = loop_time
-                if loop_time - last_sweep >= sweep_every:
-                    # The sweeper: rows of a worker that died (or stalled past its lease) go
-                    # back to the queue; fencing (owner + epoch) stops a stalled one writing.
-                    if await self._sweep_lapsed_leases():
-                        self.wake()
-                    last_sweep = loop_time
             except Exception:
                 log.exception("scheduler tick failed", extra={"action": "tick_failed"})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.settings.poll_interval_seconds)
             self._wake.clear()
+
+    async def _keep_leases(self) -> None:
+        """The heartbeat and the sweeper, on a timer of their own: a long finalize or
+        validation on the scheduling loop must not let this worker's leases lapse.
+
+        Heartbeat: renew every lease we hold; if fewer rows are still ours than we are
+        working on, the lost ones (we stalled past the lease, and another worker or a cancel
+        took them) are stopped at once instead of running on to a refused commit. Sweeper:
+        rows of a worker that died, or stalled past its lease, go back to the queue; fencing
+        (owner + epoch) stops a stalled one from writing when it wakes."""
+        renew_every = self._renew_every
+        sweep_every = max(1.0, self.settings.lease_seconds / 2)
+        last_sweep = asyncio.get_running_loop().time()
+        while True:
+            await asyncio.sleep(renew_every)
+            try:
+                if self._working:
+                    await self._renew_leases()
+                if asyncio.get_running_loop().time() - last_sweep >= sweep_every:
+                    last_sweep = asyncio.get_running_loop().time()
+                    if await self._sweep_lapsed_leases():
+                        self.wake()
+            except Exception:
+                log.exception("lease heartbeat failed", extra={"action": "heartbeat_failed"})
+
+    async def _renew_leases(self) -> None:
+        working = len(self._working)
+        held = await asyncio.to_thread(
+            self.store.renew_leases, self.owner, self.settings.lease_seconds
+        )
+        if held >= working:
+            return
+        still_ours = await asyncio.to_thread(self.store.held_leases, self.owner)
+        lost = [
+            seq
+            for seq, leased in list(self._working.items())
+            if (seq, leased.epoch) not in still_ours
+        ]
+        for seq in lost:
+            self._working.pop(seq, None)
+            task = self._inflight.get(seq)
+            if task is not None:
+                task.cancel()
+        if lost:
+            metrics.LEASES_LOST.inc(len(lost))
+            log.warning(
+                "lost the lease of %s request(s) (stalled past it?): stopped them",
+                len(lost),
+                extra={"action": "leases_lost", "lost": len(lost)},
+            )
 
     async def stop(self, grace_seconds: float = 0.0) -> None:
         """Stop leasing; give the requests in hand up to ``grace_seconds`` to finish and
@@ -295,8 +341,9 @@ class Scheduler:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        # Rows whose task was stopped before it could commit are still running under our lease.
-        await asyncio.to_thread(self.store.end_running, batch_id, state)
+        # Rows whose task was stopped before it could commit are still running under our
+        # lease. Other workers' rows of the batch are theirs to stop, at their next tick.
+        await asyncio.to_thread(self.store.end_running, batch_id, state, self.owner)
 
     async def _fill_engine(self) -> None:
         capacity = self.engine.capacity()
@@ -315,8 +362,14 @@ class Scheduler:
             metrics.LEASES_CLAIMED.inc(len(leased))
             metrics.LEASE_SLICES.inc()
         for item in leased:
+            stale = self._inflight.get(item.seq)
+            if stale is not None:
+                # Our own older lease of this row lapsed and it came back to us: that task's
+                # commit would be refused (its epoch is old), so stop it.
+                stale.cancel()
             task = asyncio.create_task(self._execute(item))
             self._inflight[item.seq] = task
+            self._working[item.seq] = item
             self._inflight_by_batch.setdefault(item.batch_id, set()).add(item.seq)
 
     async def _light_tick(self) -> None:
@@ -355,6 +408,7 @@ class Scheduler:
             try:
                 outcome = await self._run_request(item)
             except RetryLater as later:
+                self._working.pop(item.seq, None)
                 metrics.LEASES_RELEASED.inc()
                 # The upstream keeps failing but the deadline allows more: give the slot back
                 # and queue the row again (leasing skips the model while its upstream is
@@ -371,6 +425,7 @@ class Scheduler:
                     },
                 )
                 return
+            self._working.pop(item.seq, None)  # done working: a lost lease now costs nothing
             committed = await asyncio.to_thread(self.store.complete, item, self.owner, outcome)
             if committed:
                 metrics.REQUESTS_FINISHED.labels(item.endpoint, outcome.state.value).inc()
@@ -386,13 +441,17 @@ class Scheduler:
         except Exception:
             log.exception("request crashed", extra={"action": "request_crashed"})
         finally:
-            self._inflight.pop(item.seq, None)
-            members = self._inflight_by_batch.get(item.batch_id)
-            if members is not None:
-                members.discard(item.seq)
-                if not members:
-                    del self._inflight_by_batch[item.batch_id]
-                    self._finalize_candidates.add(item.batch_id)
+            # Unless a newer lease of the same row (see _fill_engine) runs in a task of its own.
+            if self._inflight.get(item.seq) is asyncio.current_task():
+                del self._inflight[item.seq]
+                if self._working.get(item.seq) is item:
+                    del self._working[item.seq]
+                members = self._inflight_by_batch.get(item.batch_id)
+                if members is not None:
+                    members.discard(item.seq)
+                    if not members:
+                        del self._inflight_by_batch[item.batch_id]
+                        self._finalize_candidates.add(item.batch_id)
             self._nudge()
 
     async def _run_request(self, item: LeasedRequest) -> RequestOutcome:

@@ -7,8 +7,10 @@ Results are written only by the current lease holder (owner and epoch in the WHE
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
@@ -80,6 +82,16 @@ def _still_leased(leased: LeasedRequest, owner: str) -> tuple[Any, ...]:
         r.c.lease_owner == owner,
         r.c.lease_epoch == leased.epoch,
     )
+
+
+# Session advisory locks held while one worker writes a batch's result files.
+_FINALIZE_LOCK_SPACE = 20261202
+
+
+def _advisory_key(name: str) -> int:
+    """A stable signed 32-bit key for an advisory lock on ``name``."""
+    unsigned = zlib.crc32(name.encode())
+    return unsigned - (1 << 32) if unsigned >= 1 << 31 else unsigned
 
 
 def now() -> int:
@@ -269,6 +281,35 @@ class Store:
                 ).scalars()
             )
 
+    @contextlib.contextmanager
+    def finalize_lock(self, batch_id: str) -> Iterator[bool]:
+        """Whether this process may finalize ``batch_id`` now. On PostgreSQL: a session
+        advisory lock on the batch, held on a connection of its own for the whole finalize,
+        so the workers that all see a batch's last rows finish do not each write its result
+        files (the commit in ``finalize`` stays the exactly-once guarantee); a finalizer that
+        dies drops the lock with its connection. SQLite has one worker: always True."""
+        if self.engine.dialect.name != "postgresql":
+            yield True
+            return
+        params = {"space": _FINALIZE_LOCK_SPACE, "key": _advisory_key(batch_id)}
+        conn = self.engine.connect()
+        try:
+            held = bool(
+                conn.execute(text("SELECT pg_try_advisory_lock(:space, :key)"), params).scalar()
+            )
+            conn.commit()
+            try:
+                yield held
+            finally:
+                if held:
+                    conn.execute(text("SELECT pg_advisory_unlock(:space, :key)"), params)
+                    conn.commit()
+        except BaseException:
+            conn.invalidate()  # never hand a connection that may still hold the lock back
+            raise
+        finally:
+            conn.close()
+
     def finalize(
         self,
         batch_id: str,
@@ -411,6 +452,8 @@ class Store:
         return leased
 
     def renew_leases(self, owner: str, lease_seconds: int) -> int:
+        """The heartbeat: push back the expiry of every lease ``owner`` holds; returns how
+        many rows it still holds."""
         r = schema.requests
         with self.engine.begin() as conn:
             return conn.execute(
@@ -418,6 +461,17 @@ class Store:
                 .where(r.c.state == RequestState.RUNNING.value, r.c.lease_owner == owner)
                 .values(lease_expires_at=now() + lease_seconds)
             ).rowcount
+
+    def held_leases(self, owner: str) -> set[tuple[int, int]]:
+        """(seq, epoch) of every row running under ``owner``'s lease."""
+        r = schema.requests
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(r.c.seq, r.c.lease_epoch).where(
+                    r.c.state == RequestState.RUNNING.value, r.c.lease_owner == owner
+                )
+            )
+            return {(row.seq, row.lease_epoch) for row in rows}
 
     def release_owned(self, owner: str) -> int:
         """Return ``owner``'s running rows to the queue at once (a worker stopping cleanly),
@@ -492,13 +546,20 @@ class Store:
                 .values(state=state.value, finished_at=now())
             ).rowcount
 
-    def end_running(self, batch_id: str, state: RequestState) -> int:
-        """Mark running requests ended (used when their worker stopped them or died)."""
+    def end_running(self, batch_id: str, state: RequestState, owner: str) -> int:
+        """Mark ``owner``'s running requests of a batch ended (it stopped them). Only its own:
+        another worker's rows are ended by that worker when it sees the cancel or the expiry
+        and stops its tasks, and a dead worker's rows by the sweep that requeues them, so no
+        engine keeps generating for a request whose row was ended behind its back."""
         r = schema.requests
         with self.engine.begin() as conn:
             return conn.execute(
                 update(r)
-                .where(r.c.batch_id == batch_id, r.c.state == RequestState.RUNNING.value)
+                .where(
+                    r.c.batch_id == batch_id,
+                    r.c.state == RequestState.RUNNING.value,
+                    r.c.lease_owner == owner,
+                )
                 .values(
                     state=state.value, finished_at=now(), lease_owner=None, lease_expires_at=None
                 )
