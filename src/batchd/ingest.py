@@ -15,11 +15,12 @@ from typing import IO, Any
 
 import orjson
 
-from batchd.jsonstrict import duplicate_key
+from batchd.jsonstrict import duplicate_key, nesting_depth
 from batchd.protocol.openai import SUPPORTED_BATCH_ENDPOINTS, routing_field
 
 _BOM = b"\xef\xbb\xbf"
 _SKIP_CHUNK_BYTES = 1024 * 1024
+PARSER_MAX_DEPTH = 1024  # orjson refuses input nested deeper than this
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +55,9 @@ class ValidationReport:
         return not self.errors
 
 
-def _read_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None]]:
-    """Yield (line_no, raw line without newline) — or (line_no, None) when a line is too long."""
+def _read_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, bytes | None, int]]:
+    """Yield (line_no, raw line without newline, its length in bytes); the line is None when
+    it is longer than ``max_line_bytes`` (its length is then counted while skipping it)."""
     line_no = 0
     first = True
     while True:
@@ -69,13 +71,17 @@ def _read_lines(stream: IO[bytes], max_line_bytes: int) -> Iterator[tuple[int, b
                 raw = raw[len(_BOM) :]
         if len(raw) > max_line_bytes and not raw.endswith(b"\n"):
             # Skip the rest of the oversized line without holding it in memory.
+            length = len(raw)
             while True:
                 rest = stream.readline(_SKIP_CHUNK_BYTES)
+                length += len(rest)
                 if not rest or rest.endswith(b"\n"):
                     break
-            yield line_no, None
+            ending = b"\r\n" if rest.endswith(b"\r\n") else b"\n" if rest.endswith(b"\n") else b""
+            yield line_no, None, length - len(ending)
             continue
-        yield line_no, raw.rstrip(b"\r\n")
+        line = raw.rstrip(b"\r\n")
+        yield line_no, line, len(line)
 
 
 def prefix_key(model: str, body: dict[str, Any]) -> str:
@@ -91,16 +97,38 @@ def prefix_key(model: str, body: dict[str, Any]) -> str:
     return digest
 
 
+def _depth_error(line_no: int, depth: str, max_depth: int | None) -> LineError:
+    limit = (
+        f"the limit is {max_depth} levels (max_json_depth)"
+        if max_depth is not None
+        else f"the parser's limit is {PARSER_MAX_DEPTH} levels"
+    )
+    return LineError(
+        "invalid_json_line",
+        f"This line is not parseable as valid JSON: it is nested too deeply, {depth} levels;"
+        f" {limit}.",
+        line_no,
+    )
+
+
 def _check_line(
-    line_no: int, raw: bytes, endpoint: str, *, strict: bool = True
+    line_no: int, raw: bytes, endpoint: str, *, strict: bool = True, max_depth: int | None = None
 ) -> tuple[RequestLine | None, LineError | None]:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        reason = "it is nested too deeply" if "depth limit" in str(exc) else str(exc)[:200]
+        if "depth limit" in str(exc):
+            return None, _depth_error(line_no, f"more than {PARSER_MAX_DEPTH}", max_depth)
         return None, LineError(
-            "invalid_json_line", f"This line is not parseable as valid JSON: {reason}.", line_no
+            "invalid_json_line",
+            f"This line is not parseable as valid JSON: {str(exc)[:200]}.",
+            line_no,
         )
+    # A line cannot nest deeper than it has brackets: most lines skip the walk.
+    if max_depth is not None and raw.count(b"[") + raw.count(b"{") > max_depth:
+        depth = nesting_depth(obj)
+        if depth > max_depth:
+            return None, _depth_error(line_no, str(depth), max_depth)
     if not isinstance(obj, dict):
         return None, LineError("invalid_json_line", "Each line must be a JSON object.", line_no)
     for key in ("custom_id", "method", "url", "body"):
@@ -177,23 +205,29 @@ def _check_line(
 
 
 def _scan(
-    stream: IO[bytes], endpoint: str, max_line_bytes: int, *, strict: bool = True
+    stream: IO[bytes],
+    endpoint: str,
+    max_line_bytes: int,
+    *,
+    strict: bool = True,
+    max_depth: int | None = None,
 ) -> Iterator[tuple[RequestLine | None, LineError | None]]:
     seen: set[str] = set()
-    for line_no, raw in _read_lines(stream, max_line_bytes):
+    for line_no, raw, length in _read_lines(stream, max_line_bytes):
         if raw is None:
             yield (
                 None,
                 LineError(
                     "line_too_large",
-                    f"Line {line_no} is longer than the limit of {max_line_bytes} bytes.",
+                    f"Line {line_no} is {length} bytes long; the limit is {max_line_bytes}"
+                    " bytes per line (max_line_bytes).",
                     line_no,
                 ),
             )
             continue
         if not raw.strip():
             continue  # blank lines (including a trailing one) carry no request
-        request, error = _check_line(line_no, raw, endpoint, strict=strict)
+        request, error = _check_line(line_no, raw, endpoint, strict=strict, max_depth=max_depth)
         if request is not None:
             if request.custom_id in seen:
                 request, error = (
@@ -217,7 +251,10 @@ def validate(
     max_lines: int,
     max_line_bytes: int,
     max_errors: int,
+    max_depth: int | None = None,
 ) -> ValidationReport:
+    """Check every line. ``max_depth``: lines nested deeper are errors (None: only the
+    parser's own limit applies)."""
     report = ValidationReport()
     if endpoint not in SUPPORTED_BATCH_ENDPOINTS:
         report.errors.append(
@@ -225,7 +262,7 @@ def validate(
         )
         return report
     models: dict[str, None] = {}
-    for request, error in _scan(stream, endpoint, max_line_bytes):
+    for request, error in _scan(stream, endpoint, max_line_bytes, max_depth=max_depth):
         if error is not None:
             if len(report.errors) < max_errors:
                 report.errors.append(error)
@@ -241,7 +278,8 @@ def validate(
             0,
             LineError(
                 "too_many_tasks",
-                f"The file has {report.request_count} requests; the limit is {max_lines}.",
+                f"The file has {report.request_count} requests; the limit is {max_lines}"
+                " requests per batch (max_batch_lines).",
                 None,
             ),
         )

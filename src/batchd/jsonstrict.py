@@ -1,4 +1,6 @@
-"""A JSON object that names one key twice is ambiguous: parsers disagree on which value wins
+"""Checks orjson does not make: duplicate keys, and nesting depth.
+
+A JSON object that names one key twice is ambiguous: parsers disagree on which value wins
 (orjson and the stdlib keep the last, others the first), so a request could mean one thing to
 a proxy in front of us and another to us. We refuse such input instead of picking a winner.
 
@@ -40,3 +42,21 @@ def duplicate_key(raw: bytes | bytearray | str) -> str | None:
     except DuplicateKey as exc:
         return exc.key
     return None
+
+
+def nesting_depth(value: Any) -> int:
+    """How many levels of arrays and objects ``value`` nests: 0 for a scalar, 1 for ``[]``
+    or ``{"a": 1}``, 2 for ``{"a": [1]}``. Iterative, so no depth exhausts the stack."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return deepest

@@ -43,7 +43,8 @@ def _checked_requests(body: Any, max_requests: int) -> list[Any]:
         raise InvalidRequest("requests: List should have at least 1 item", param="requests")
     if len(requests) > max_requests:
         raise InvalidRequest(
-            f"requests: the batch has {len(requests)} requests; the limit is {max_requests}.",
+            f"requests: the batch has {len(requests)} requests; the limit is {max_requests}"
+            " requests per batch (anthropic_max_batch_requests).",
             param="requests",
         )
     first_use: dict[str, int] = {}

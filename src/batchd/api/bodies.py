@@ -10,7 +10,7 @@ import orjson
 from fastapi import Request
 
 from batchd.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
-from batchd.jsonstrict import duplicate_key
+from batchd.jsonstrict import duplicate_key, nesting_depth
 
 # Bodies up to this size are parsed on the event loop; larger ones in a thread, so one big
 # create does not stall every other request for the duration of the parse.
@@ -49,23 +49,16 @@ def depth_limit(request: Request) -> int:
 
 
 def check_depth(value: Any, max_depth: int) -> Any:
-    """Refuse JSON nested deeper than ``max_depth`` (iteratively: no recursion to exhaust).
+    """Refuse JSON nested deeper than ``max_depth``, naming the depth it has.
     Deep nesting is never a real request, and orjson serializes only 254 levels, so a body
     it parsed could otherwise fail when it is stored."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children = (
-            item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+    depth = nesting_depth(value)
+    if depth > max_depth:
+        raise InvalidRequest(
+            f"The request body is nested {depth} levels deep; more than {max_depth} levels"
+            " is refused (max_json_depth).",
+            param="body",
         )
-        for child in children:
-            if isinstance(child, dict | list):
-                if depth + 1 > max_depth:
-                    raise InvalidRequest(
-                        f"The request body is nested more than {max_depth} levels deep.",
-                        param="body",
-                    )
-                stack.append((child, depth + 1))
     return value
 
 
@@ -79,7 +72,7 @@ async def read_json(request: Request, limit: int) -> Any:
     async for chunk in iter_body(request):
         buffer += chunk
         if len(buffer) > limit:
-            raise _too_large(f"more than {limit}", limit)
+            raise _too_large(f"at least {len(buffer)}", limit)  # what arrived so far
     depth = depth_limit(request)
     if len(buffer) <= INLINE_PARSE_BYTES:
         return _parse(buffer, depth)

@@ -87,10 +87,14 @@ def install(app: FastAPI) -> None:
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
         param = _loc_to_param(tuple(first.get("loc", ())))
+        got = ""
+        if first.get("type") != "missing" and "input" in first:
+            shown = repr(first["input"])  # the value sent, e.g. a query's limit=0
+            got = f" (got {shown[:80]}{'...' if len(shown) > 80 else ''})"
         return error_response(
             request,
             400,
-            f"Invalid '{param}': {first.get('msg')}.",
+            f"Invalid '{param}': {first.get('msg')}{got}.",
             openai_type="invalid_request_error",
             anthropic_type="invalid_request_error",
             param=param,

@@ -50,6 +50,17 @@ async def parse_upload(request: Request, blobs: BlobStore, max_file_bytes: int) 
     upload = Upload()
     part = _PartState()
     errors: list[Exception] = []
+    declared = request.headers.get("content-length", "")
+
+    def _file_too_large(received: int) -> PayloadTooLarge:
+        # The reading stops here, so the file's full size is unknown: name what arrived, and
+        # what the client said it would send.
+        whole = f"; the request's Content-Length is {declared} bytes" if declared.isdigit() else ""
+        return PayloadTooLarge(
+            f"File is too large: {received} bytes of it had arrived when the upload was cut"
+            f" off{whole}; the limit is {max_file_bytes} bytes per file (max_upload_bytes).",
+            param="file",
+        )
 
     def on_part_begin() -> None:
         nonlocal part
@@ -87,11 +98,7 @@ async def parse_upload(request: Request, blobs: BlobStore, max_file_bytes: int) 
             if upload.blob is None:
                 return
             if upload.blob.size + (end - start) > max_file_bytes:
-                errors.append(
-                    PayloadTooLarge(
-                        f"File is too large: the limit is {max_file_bytes} bytes.", param="file"
-                    )
-                )
+                errors.append(_file_too_large(upload.blob.size + (end - start)))
                 return
             upload.blob.write(data[start:end])
         else:

@@ -56,6 +56,7 @@ def validate_batch(
             max_lines=settings.max_batch_lines,
             max_line_bytes=settings.max_line_bytes,
             max_errors=settings.max_validation_errors,
+            max_depth=settings.max_json_depth,
         )
     if not report.ok:
         errors = [e.to_wire() for e in report.errors]
