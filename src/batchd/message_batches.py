@@ -20,7 +20,13 @@ from batchd import ids
 from batchd.errors import Conflict, InvalidRequest, NotFound
 from batchd.ingest import RequestLine, prefix_key
 from batchd.protocol import anthropic as am
-from batchd.service import Services, cancel_batch, check_tenant_capacity, get_batch
+from batchd.service import (
+    Services,
+    cancel_batch,
+    check_tenant_capacity,
+    create_batch_admitted,
+    get_batch,
+)
 from batchd.store.records import FINAL_REQUEST_STATES, BatchRecord, BatchStatus
 from batchd.store.store import now
 
@@ -104,7 +110,9 @@ def create_message_batch(services: Services, tenant: str, body: Any) -> BatchRec
     go in first, in short chunked transactions, and the batch row last: the scheduler leases
     only rows of an ``in_progress`` batch, so it can neither run nor finalize a half-inserted
     one. If insertion fails the rows are removed; a crash mid-way leaves rows no batch owns,
-    which nothing reads.
+    which nothing reads. The tenant's limits are checked before the rows go in (a quick
+    refusal) and again with the batch row's insert, atomically (the one that binds: rows
+    count only once their batch row exists).
     """
     requests = _checked_requests(body, services.settings.anthropic_max_batch_requests)
     check_tenant_capacity(services, tenant, len(requests))
@@ -124,7 +132,8 @@ def create_message_batch(services: Services, tenant: str, body: Any) -> BatchRec
                 chunk = []
         store.insert_requests(batch_id, chunk)
         created = now()
-        store.create_batch(
+        create_batch_admitted(
+            services,
             {
                 "id": batch_id,
                 "tenant": tenant,
@@ -139,7 +148,8 @@ def create_message_batch(services: Services, tenant: str, body: Any) -> BatchRec
                 "created_at": created,
                 "in_progress_at": created,
                 "expires_at": created + am.BATCH_WINDOW_SECONDS,
-            }
+            },
+            len(requests),
         )
     except BaseException:
         store.delete_requests(batch_id)

@@ -91,33 +91,64 @@ def delete_file(services: Services, tenant: str, file_id: str) -> FileRecord:
     return record
 
 
-def check_tenant_capacity(services: Services, tenant: str, adding_requests: int = 0) -> None:
-    """Refuse a new batch while the tenant is at its limits (429, with a Retry-After).
-
-    A soft gate: two creates racing each other may both pass; the limits bound a tenant's
-    share of the queue, they are not a quota ledger. An OpenAI batch's size is unknown until
-    its file is validated, so it is admitted while the tenant's queue is below the limit.
-    """
-    settings = services.settings
-    active, queued = services.store.tenant_load(tenant)
+def _capacity_error(
+    settings: Settings, active: int, queued: int, adding_requests: int
+) -> LimitExceeded | None:
+    """The 429 for a tenant with ``active`` unfinished batches and ``queued`` requests that
+    asks to add a batch of ``adding_requests`` (0: not yet known), or None if it fits."""
     if active >= settings.max_active_batches_per_tenant:
-        raise LimitExceeded(
+        return LimitExceeded(
             f"Too many batches in progress: this key has {active} batches that have not "
             f"ended; the limit is {settings.max_active_batches_per_tenant}. Retry once some "
             "have ended.",
             retry_after=60,
             param="max_active_batches_per_tenant",
         )
-    if queued + adding_requests > settings.max_queued_requests_per_tenant or (
-        adding_requests == 0 and queued >= settings.max_queued_requests_per_tenant
-    ):
-        raise LimitExceeded(
+    if queued + max(adding_requests, 1) > settings.max_queued_requests_per_tenant:
+        return LimitExceeded(
             f"Too many queued requests: this key has {queued} requests waiting or running"
             + (f" and this batch adds {adding_requests}" if adding_requests else "")
             + f"; the limit is {settings.max_queued_requests_per_tenant}.",
             retry_after=60,
             param="max_queued_requests_per_tenant",
         )
+    return None
+
+
+def check_tenant_capacity(services: Services, tenant: str, adding_requests: int = 0) -> None:
+    """Refuse a new batch early while the tenant is at its limits (429, with a Retry-After).
+
+    A cheap early answer, before a big create does its work; the binding check is
+    ``create_batch_admitted``'s, made atomically with the insert of the batch row.
+    """
+    active, queued = services.store.tenant_load(tenant)
+    error = _capacity_error(services.settings, active, queued, adding_requests)
+    if error is not None:
+        raise error
+
+
+def create_batch_admitted(
+    services: Services, values: dict[str, Any], adding_requests: int = 0
+) -> None:
+    """Insert the batch row ``values`` if its tenant is within its per-tenant limits, else
+    raise the 429. The count and the insert are one transaction under the tenant's lock:
+    of two creates racing for the last room, exactly one gets it.
+
+    An OpenAI batch's size is unknown until its file is validated (``adding_requests`` 0):
+    it is admitted while the tenant's queue has room for one more request, and validation
+    fails it if its requests then do not fit.
+    """
+    settings = services.settings
+    refused = services.store.create_batch_within_limits(
+        values,
+        adding_requests=adding_requests,
+        max_active=settings.max_active_batches_per_tenant,
+        max_queued=settings.max_queued_requests_per_tenant,
+    )
+    if refused is not None:
+        error = _capacity_error(settings, *refused, adding_requests)
+        assert error is not None  # the store refuses by the same rule
+        raise error
 
 
 def batch_endpoints(engine: Engine) -> tuple[str, ...]:
@@ -167,10 +198,10 @@ def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchReco
             f"File {input_file_id} has purpose {file.purpose!r}; a batch needs purpose 'batch'.",
             param="input_file_id",
         )
-    check_tenant_capacity(services, tenant)
     created = now()
     batch_id = ids.batch_id()
-    services.store.create_batch(
+    create_batch_admitted(
+        services,
         {
             "id": batch_id,
             "tenant": tenant,
@@ -182,7 +213,7 @@ def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchReco
             "metadata": orjson.dumps(metadata).decode() if metadata is not None else None,
             "created_at": created,
             "expires_at": created + window_seconds,
-        }
+        },
     )
     wake_scheduler(services)
     record = services.store.get_batch(batch_id, tenant)

@@ -58,6 +58,10 @@ def validate_batch(
             max_errors=settings.max_validation_errors,
             max_depth=settings.max_json_depth,
         )
+    if report.ok:
+        queue_error = _queue_limit_error(store, settings, batch.tenant, report.request_count)
+        if queue_error is not None:
+            report.errors.append(queue_error)
     if not report.ok:
         errors = [e.to_wire() for e in report.errors]
         store.transition(
@@ -96,6 +100,31 @@ def validate_batch(
         extra={"action": "batch_validated", "batch_id": batch_id, "requests": report.request_count},
     )
     return BatchStatus.IN_PROGRESS
+
+
+def _queue_limit_error(
+    store: Store, settings: Settings, tenant: str, request_count: int
+) -> ingest.LineError | None:
+    """The batch error when this batch's requests would take the tenant past its queued
+    requests limit. An OpenAI batch was admitted at create before its size was known; now it
+    is. This batch's own rows were deleted above, so the count is everyone else's.
+
+    Within one process validations run one after another, each seeing the rows of the one
+    before; two processes validating one tenant's batches at the same moment can each pass
+    (the create-time check is the atomic one)."""
+    limit = settings.max_queued_requests_per_tenant
+    _, queued = store.tenant_load(tenant)
+    if queued + request_count <= limit:
+        return None
+    return ingest.LineError(
+        "queued_request_limit_exceeded",
+        f"Enqueued request limit reached: this batch has {request_count} requests and this key"
+        f" already has {queued} requests waiting or running, {queued + request_count} in all;"
+        f" the limit is {limit} queued requests per key (max_queued_requests_per_tenant)."
+        " Submit it again once some in-progress batches have ended.",
+        None,
+        "max_queued_requests_per_tenant",
+    )
 
 
 def _json(value: object) -> str:

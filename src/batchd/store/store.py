@@ -84,6 +84,11 @@ def _still_leased(leased: LeasedRequest, owner: str) -> tuple[Any, ...]:
     )
 
 
+# Transaction advisory locks serializing one tenant's admissions (the two-int form: its keys
+# never meet the single-bigint lock the migrations take).
+_TENANT_LOCK_SPACE = 20261201
+
+
 # Session advisory locks held while one worker writes a batch's result files.
 _FINALIZE_LOCK_SPACE = 20261202
 
@@ -586,6 +591,53 @@ class Store:
                     .where(r.c.batch_id.in_(active), r.c.state.in_(unfinished))
                 ).scalar_one()
         return len(active), int(queued)
+
+    def create_batch_within_limits(
+        self,
+        values: dict[str, Any],
+        *,
+        adding_requests: int,
+        max_active: int,
+        max_queued: int,
+    ) -> tuple[int, int] | None:
+        """Insert a batch row only if its tenant stays within its admission limits: fewer
+        than ``max_active`` batches not yet ended, and its queued or running requests plus
+        ``adding_requests`` (at least one: a batch whose size is not yet known needs room for
+        one) at most ``max_queued``. None when inserted; otherwise the tenant's
+        (active, queued) as counted, and nothing is written.
+
+        The count and the insert are one transaction that holds the tenant's lock (on
+        PostgreSQL a transaction-scoped advisory lock keyed on the tenant; on SQLite
+        ``BEGIN IMMEDIATE``, the database's one writer lock), so two creates racing each other
+        cannot both pass on the same room. The rows of ``values``' batch, if already
+        inserted, are not counted: rows count once their batch row exists."""
+        tenant = str(values["tenant"])
+        with self.engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:space, :key)"),
+                    {"space": _TENANT_LOCK_SPACE, "key": _advisory_key(tenant)},
+                )
+            else:
+                # pysqlite opens its transaction lazily, at the first write: take the write
+                # lock now, before counting, so the count cannot go stale before the insert.
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+            b, r = schema.batches, schema.requests
+            terminal = [s.value for s in TERMINAL_BATCH_STATUSES]
+            unfinished = [RequestState.PENDING.value, RequestState.RUNNING.value]
+            active = select(b.c.id).where(b.c.tenant == tenant, b.c.status.not_in(terminal))
+            active_count = conn.execute(
+                select(func.count()).select_from(active.subquery())
+            ).scalar_one()
+            queued = conn.execute(
+                select(func.count())
+                .select_from(r)
+                .where(r.c.batch_id.in_(active), r.c.state.in_(unfinished))
+            ).scalar_one()
+            if active_count >= max_active or queued + max(adding_requests, 1) > max_queued:
+                return int(active_count), int(queued)
+            conn.execute(insert(b).values(**values))
+        return None
 
     # ------------------------------------------------------------------- retention
 
