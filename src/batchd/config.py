@@ -80,6 +80,10 @@ class Settings(BaseSettings):
     retention_interval_seconds: float = 3600
     batch_data_retention_seconds: int = 30 * 24 * 3600
     anthropic_results_retention_seconds: int = 29 * 24 * 3600
+    # How long an OpenAI batch input file lives after upload before retention deletes it
+    # (never while a batch that reads it is running). Output and error files still get a
+    # fixed 30 days (scheduler/finalize.py); uploads of other purposes do not expire.
+    file_retention_seconds: int = Field(default=30 * 24 * 3600, ge=1)
 
     # Scheduling.
     lease_seconds: int = 60

@@ -17,8 +17,6 @@ from batchd.scheduler.runner import Scheduler
 from batchd.store.records import BatchRecord, BatchStatus, FileRecord
 from batchd.store.store import Store, now
 
-BATCH_FILE_RETENTION_SECONDS = 30 * 24 * 3600
-
 
 @dataclass
 class Services:
@@ -58,7 +56,9 @@ def register_upload(
         purpose=purpose,
         bytes=size,
         created_at=created,
-        expires_at=created + BATCH_FILE_RETENTION_SECONDS if purpose == "batch" else None,
+        expires_at=(
+            created + services.settings.file_retention_seconds if purpose == "batch" else None
+        ),
         blob=blob,
     )
     services.store.create_file(record)
