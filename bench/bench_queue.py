@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._harness import append_record
 from bench.bench_scale import fresh_database, postgres_unreachable
 
-from batchd.blobs import BlobStore
+from batchd.blobs import DirectoryBlobStore
 from batchd.ingest import RequestLine
 from batchd.scheduler.finalize import finalize_batch
 from batchd.store import database
@@ -107,7 +107,7 @@ def run_queue(url: str, n: int, slice_size: int, workers: int) -> tuple[float, i
     started = time.perf_counter()
     committed = sum(results.get(timeout=600) for _ in procs)
     with tempfile.TemporaryDirectory() as tmp:
-        status = finalize_batch(store, BlobStore(Path(tmp)), "batch_bench")
+        status = finalize_batch(store, DirectoryBlobStore(Path(tmp)), "batch_bench")
     seconds = time.perf_counter() - started
     for proc in procs:
         proc.join()

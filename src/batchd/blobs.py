@@ -1,8 +1,11 @@
-"""Where file bytes live: server-named files under ``<data_dir>/files``.
+"""Where file bytes live: server-named blobs in a directory (``<data_dir>/files`` by default,
+a shared volume for many processes) or, with ``BATCHD_FILES_URL=s3://bucket/prefix``, in
+S3-compatible object storage (``batchd.blobs_s3``).
 
-Every blob is written to a temporary name, fsynced, renamed into place and the directory
-fsynced before the database row that points at it is committed, so a committed row never
-points at a partial file. Client filenames are metadata only and never touch the disk.
+Every blob is complete and durable before the database row that points at it is committed,
+so a committed row never points at a partial file: in a directory it is written to a
+temporary name, fsynced, renamed into place and the directory fsynced. Client filenames are
+metadata only and never name a blob.
 """
 
 from __future__ import annotations
@@ -12,21 +15,47 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 CHUNK_BYTES = 1024 * 1024
 _TMP_PREFIX = "tmp-"
 
 
-class BlobStore:
+class Writer(Protocol):
+    """Append bytes, then ``commit()`` to get the durable blob name (or ``abort()``)."""
+
+    size: int
+    sha256: hashlib._Hash
+
+    def write(self, data: bytes) -> None: ...
+    def commit(self) -> str: ...
+    def abort(self) -> None: ...
+
+
+class BlobStore(Protocol):
+    """What the API and the scheduler need of a place for file bytes."""
+
+    def new_writer(self) -> Writer: ...
+    def open(self, name: str) -> IO[bytes]: ...
+    def iter_bytes(self, name: str, chunk: int = CHUNK_BYTES) -> Iterator[bytes]: ...
+    def delete(self, name: str) -> None: ...
+    def remove_orphans(self, referenced: set[str], *, older_than: float | None = None) -> int: ...
+
+
+def check_name(name: str) -> str:
+    """Blob names are ours (hex tokens); refuse anything that could leave the store."""
+    if "/" in name or name.startswith(".") or not name:
+        raise ValueError(f"invalid blob name {name!r}")
+    return name
+
+
+class DirectoryBlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, name: str) -> Path:
-        if "/" in name or name.startswith(".") or not name:
-            raise ValueError(f"invalid blob name {name!r}")
-        return self.root / name
+        return self.root / check_name(name)
 
     def new_writer(self) -> BlobWriter:
         return BlobWriter(self)
@@ -69,9 +98,9 @@ class BlobStore:
 
 
 class BlobWriter:
-    """Append bytes, then ``commit()`` to get the durable blob name (or ``abort()``)."""
+    """A blob on its way into a directory: a temporary file, renamed into place on commit."""
 
-    def __init__(self, store: BlobStore) -> None:
+    def __init__(self, store: DirectoryBlobStore) -> None:
         self._store = store
         self.name = secrets.token_hex(16)
         self._tmp = store.root / f"{_TMP_PREFIX}{self.name}"

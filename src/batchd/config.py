@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     # SQLAlchemy URL of a shared database (postgresql+psycopg://user@host/db). Unset: SQLite
     # in the data dir, for one process.
     database_url: str | None = None
+    # Where file bytes live: unset, <data_dir>/files (a shared volume for many processes);
+    # s3://bucket/prefix for S3-compatible object storage (the s3 extra), at
+    # s3_endpoint_url when it is not AWS (MinIO, Ceph, R2...).
+    files_url: str | None = None
+    s3_endpoint_url: str | None = None
     # Connections each process keeps open to a shared database, and how many more it may open
     # at a peak. The server's max_connections must cover (size + overflow) x processes.
     # How old the request counts of a running batch may be in a retrieve or list: pollers of

@@ -17,7 +17,7 @@ import uvicorn
 
 from batchd import retention
 from batchd.api.app import create_app
-from batchd.blobs import BlobStore
+from batchd.blobs import BlobStore, DirectoryBlobStore
 from batchd.config import Settings
 from batchd.engines.factory import build_engine
 from batchd.errors import BatchdError
@@ -69,6 +69,17 @@ def lock_data_dir(settings: Settings) -> IO[str]:
     return handle
 
 
+def open_blobs(settings: Settings) -> BlobStore:
+    """The file-byte store the settings name: a directory, or an S3-compatible bucket."""
+    if settings.files_url is None:
+        return DirectoryBlobStore(settings.files_dir)
+    from batchd.blobs_s3 import S3BlobStore
+
+    s3 = S3BlobStore(settings.files_url, endpoint_url=settings.s3_endpoint_url)
+    s3.check_reachable()
+    return s3
+
+
 def build_services(settings: Settings, role: Role = "all") -> Services:
     engine_db = database.open_database(
         settings.database_url,
@@ -78,7 +89,7 @@ def build_services(settings: Settings, role: Role = "all") -> Services:
     )
     database.upgrade(engine_db)
     store = Store(engine_db)
-    blobs = BlobStore(settings.files_dir)
+    blobs = open_blobs(settings)
     engine = build_engine(settings)  # an API process keeps one too: realtime requests
     scheduler = Scheduler(store, blobs, engine, settings) if role != "api" else None
     return Services(settings=settings, store=store, blobs=blobs, engine=engine, scheduler=scheduler)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from batchd import message_batches, retention
-from batchd.blobs import BlobStore
+from batchd.blobs import DirectoryBlobStore
 from batchd.config import Settings
 from batchd.errors import NotFound
 from batchd.ingest import RequestLine
@@ -28,7 +28,7 @@ def services(tmp_path: Path) -> Services:
     database.upgrade(engine)
     settings = Settings(data_dir=tmp_path)
     # Retention needs only the settings, the store and the blobs.
-    return Services(settings, Store(engine), BlobStore(tmp_path / "files"), None, None)  # type: ignore[arg-type]
+    return Services(settings, Store(engine), DirectoryBlobStore(tmp_path / "files"), None, None)  # type: ignore[arg-type]
 
 
 def add_file(services: Services, file_id: str, expires_at: int | None) -> FileRecord:

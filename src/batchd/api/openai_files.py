@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -50,7 +51,8 @@ async def upload_file(request: Request, tenant: Tenant, services: ServicesDep) -
             raise InvalidRequest("The uploaded file is empty.", param="file", code="empty_file")
         size = upload.blob.size
         digest = upload.blob.sha256.hexdigest()
-        blob = upload.blob.commit()
+        # Off the event loop: an fsync, or an upload to object storage.
+        blob = await asyncio.to_thread(upload.blob.commit)
     except BaseException:
         upload.abort()
         raise
