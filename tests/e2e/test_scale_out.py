@@ -156,15 +156,19 @@ def cluster(postgres_url: str, tmp_path: Path) -> Iterator[Cluster]:  # noqa: F8
             proc.stop()
 
 
+def create(client: openai.OpenAI, lines: list[dict[str, object]], window: str = "24h") -> str:
+    return client.batches.create(
+        input_file_id=upload(client, lines),  # type: ignore[arg-type]
+        endpoint="/v1/chat/completions",
+        completion_window=window,  # type: ignore[arg-type]
+    ).id
+
+
 def submit(client: openai.OpenAI, prefix: str, n: int, max_tokens: int = 4) -> str:
     lines = [
         chat_line(f"{prefix}{i}", f"Count to {i % 7}.", max_tokens=max_tokens) for i in range(n)
     ]
-    return client.batches.create(
-        input_file_id=upload(client, lines),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    ).id
+    return create(client, lines)
 
 
 def answered_once(client: openai.OpenAI, batch: object, expected: list[str]) -> None:
@@ -417,16 +421,8 @@ def test_cancel_and_expiry_stop_the_worker_that_holds_the_rows(pair: Pair) -> No
     take the fake engine 100 s (200 tokens at 0.5 s); the holder ticks every 3 s, a bystander
     worker every 0.2 s, so the bystander almost always sees the cancel first."""
     client = pair.client()
-    expiring = client.batches.create(
-        input_file_id=upload(client, long_lines("x-", 4, 200)),
-        endpoint="/v1/chat/completions",
-        completion_window="1m",
-    ).id
-    cancelled = client.batches.create(
-        input_file_id=upload(client, long_lines("c-", 4, 200)),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    ).id
+    expiring = create(client, long_lines("x-", 4, 200), window="1m")
+    cancelled = create(client, long_lines("c-", 4, 200))
     holder_port = free_port()
     holder = pair.worker(
         "holder",
@@ -470,11 +466,7 @@ def test_a_worker_frozen_past_its_lease_writes_nothing_when_it_wakes(pair: Pair)
     sweeps the rows back and answers them; woken with SIGCONT, the first worker's heartbeat
     finds its leases gone and stops those requests. Every request is answered once."""
     client = pair.client()
-    batch_id = client.batches.create(
-        input_file_id=upload(client, long_lines("z-", 8, 30)),
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-    ).id
+    batch_id = create(client, long_lines("z-", 8, 30))
     frozen_port = free_port()
     frozen = pair.worker(
         "frozen", "--metrics-port", str(frozen_port), **FAKE, BATCHD_FAKE_STEP_SECONDS="0.3"
