@@ -13,7 +13,6 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
 from typing import Any
 
 import orjson
@@ -22,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import TextClause
 
 from batchd.ingest import RequestLine
-from batchd.store import schema
+from batchd.store import polling, schema
 from batchd.store.records import (
     TERMINAL_BATCH_STATUSES,
     BatchRecord,
@@ -182,15 +181,15 @@ class Store:
         """The batch with its request counts and usage. ``stats_max_age``: how many seconds
         old the counts of a running batch may be (pollers' reads; 0, the default, counts now:
         the scheduler decides on these)."""
-        t = schema.batches
-        query = select(t).where(t.c.id == batch_id)
-        if tenant is not None:
-            query = query.where(t.c.tenant == tenant)
         with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-            if row is None:
+            if tenant is None:
+                rows = polling.batch_rows(conn, polling.BATCH_BY_ID, {"id": batch_id})
+            else:
+                params = {"id": batch_id, "tenant": tenant}
+                rows = polling.batch_rows(conn, polling.TENANT_BATCH_BY_ID, params)
+            if not rows:
                 return None
-            record = _batch_record(row)
+            record = _batch_record(rows[0])
             self._attach_stats(conn, [record], stats_max_age)
         return record
 
@@ -207,21 +206,21 @@ class Store:
         """Newest first. ``after``: the page older than that id; ``before``: the page newer
         than it (still newest first), with ``has_more`` meaning more newer ones exist.
         ``stats_max_age`` as in get_batch."""
-        t = schema.batches
-        query = select(t).where(t.c.tenant == tenant, t.c.surface == surface)
+        params: dict[str, Any] = {"tenant": tenant, "surface": surface, "n": limit + 1}
         with self.engine.connect() as conn:
             if after or before:
-                cursor = conn.execute(
-                    select(t.c.seq).where(t.c.id == (after or before), t.c.tenant == tenant)
-                ).scalar()
-                if cursor is None:
+                found = polling.fetch(
+                    conn, polling.TENANT_BATCH_SEQ, {"id": after or before, "tenant": tenant}
+                )
+                if not found:
                     return [], False
-                query = query.where(t.c.seq < cursor if after else t.c.seq > cursor)
+                params["cursor"] = found[0][0]
             if before and not after:
-                rows = conn.execute(query.order_by(t.c.seq.asc()).limit(limit + 1)).all()
+                rows = polling.batch_rows(conn, polling.PAGE_NEWER, params)
                 page = list(reversed(rows[:limit]))
             else:
-                rows = conn.execute(query.order_by(t.c.seq.desc()).limit(limit + 1)).all()
+                statement = polling.PAGE_OLDER if after else polling.PAGE
+                rows = polling.batch_rows(conn, statement, params)
                 page = rows[:limit]
             records = [_batch_record(r) for r in page]
             self._attach_stats(conn, records, stats_max_age)
@@ -834,7 +833,7 @@ class Store:
             if cached is None:
                 missing[record.id] = record
             else:
-                record.counts, record.usage = replace(cached[0]), replace(cached[1])
+                record.counts, record.usage = polling.copied(cached[0]), polling.copied(cached[1])
         if not missing:
             return
         for record in missing.values():
@@ -847,7 +846,7 @@ class Store:
                     input_tokens=row.prompt, cached_tokens=row.cached, output_tokens=row.completion
                 )
         for record in missing.values():
-            item = (replace(record.counts), replace(record.usage))
+            item = (polling.copied(record.counts), polling.copied(record.usage))
             if record.status in TERMINAL_BATCH_STATUSES:
                 self._ended_stats.put(record.id, item)
             else:
