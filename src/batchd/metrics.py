@@ -35,8 +35,8 @@ LEASES_REQUEUED = Counter(
 )
 LEASES_LOST = Counter(
     "batchd_leases_lost_requests",
-    "Results this process computed but could not commit: the lease had passed to another "
-    "worker (fencing).",
+    "Requests whose lease passed to another worker while this process held them: stopped "
+    "when the heartbeat found the lease gone, or their result refused by fencing.",
 )
 LEASES_RELEASED = Counter(
     "batchd_leases_released_requests",
