@@ -17,7 +17,8 @@ from batchd import idempotency, message_batches, service
 from batchd.api import openapi_bodies
 from batchd.api.auth import Tenant
 from batchd.api.bodies import read_json
-from batchd.api.deps import ServicesDep
+from batchd.api.deps import ServicesDep, read
+from batchd.api.responses import JSONResponse
 from batchd.errors import InvalidRequest
 from batchd.protocol import anthropic as am
 from batchd.service import Services
@@ -56,18 +57,21 @@ async def create_message_batch(
     return am.message_batch_object(record, _base_url(request, services))
 
 
-@router.get("/v1/messages/batches")
-def list_message_batches(
+# The polling routes: as in openai_batches (async, deps.read, orjson, the schema kept).
+@router.get("/v1/messages/batches", response_model=dict[str, Any])
+async def list_message_batches(
     request: Request,
     tenant: Tenant,
     services: ServicesDep,
     before_id: str | None = None,
     after_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-) -> dict[str, Any]:
+) -> JSONResponse:
     if before_id and after_id:
         raise InvalidRequest("Only one of before_id and after_id may be given.", param="before_id")
-    records, has_more = services.store.list_batches(
+    records, has_more = await read(
+        services,
+        services.store.list_batches,
         tenant,
         SURFACE,
         after=after_id,
@@ -76,15 +80,19 @@ def list_message_batches(
         stats_max_age=services.settings.batch_counts_max_age_seconds,
     )
     base_url = _base_url(request, services)
-    return am.list_object([am.message_batch_object(r, base_url) for r in records], has_more)
+    return JSONResponse(
+        am.list_object([am.message_batch_object(r, base_url) for r in records], has_more)
+    )
 
 
-@router.get("/v1/messages/batches/{message_batch_id}")
-def retrieve_message_batch(
+@router.get("/v1/messages/batches/{message_batch_id}", response_model=dict[str, Any])
+async def retrieve_message_batch(
     message_batch_id: str, request: Request, tenant: Tenant, services: ServicesDep
-) -> dict[str, Any]:
-    record = service.get_batch(services, tenant, message_batch_id, SURFACE, for_poller=True)
-    return am.message_batch_object(record, _base_url(request, services))
+) -> JSONResponse:
+    record = await read(
+        services, service.get_batch, services, tenant, message_batch_id, SURFACE, for_poller=True
+    )
+    return JSONResponse(am.message_batch_object(record, _base_url(request, services)))
 
 
 @router.post("/v1/messages/batches/{message_batch_id}/cancel")

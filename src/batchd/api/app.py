@@ -23,6 +23,7 @@ from batchd.api import (
 from batchd.api.auth import AuthMiddleware
 from batchd.api.http_metrics import HttpMetricsMiddleware, metrics_endpoint
 from batchd.api.keyring import KeyRing
+from batchd.api.polling import PollingFastPath
 from batchd.api.request_id import RequestIdMiddleware
 from batchd.api.responses import JSONResponse
 from batchd.service import Services, install_metrics
@@ -72,6 +73,8 @@ def create_app(services: Services) -> FastAPI:
     app.state.keyring = keyring
     app.state.ready = False
     errors.install(app)
+    # Innermost first: the polling fast path needs the tenant that authentication found.
+    app.add_middleware(PollingFastPath, services=services)
     app.add_middleware(AuthMiddleware, keyring=keyring)
     app.add_middleware(RequestIdMiddleware)  # a refused request gets an id too
     app.add_middleware(HttpMetricsMiddleware)  # outermost: refusals are timed as well

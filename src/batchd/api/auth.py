@@ -78,7 +78,7 @@ class AuthMiddleware:
         await self.app(scope, receive, send)
 
 
-def authenticate(request: Request) -> str:
+async def authenticate(request: Request) -> str:  # async: a sync one would run in a thread
     tenant = getattr(request.state, "tenant", None)
     if tenant is None:  # only if the middleware was not installed: refuse, never default
         raise Unauthorized("Request was not authenticated.")

@@ -7,6 +7,7 @@ path: ids in labels would grow the series without bound. Requests that matched n
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import Request
@@ -19,6 +20,9 @@ from batchd import metrics
 class HttpMetricsMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # (method, route, status) -> the histogram's child: ``labels()`` validates and locks on
+        # every call. Bounded like the series themselves: methods, route templates, statuses.
+        self._children: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -36,9 +40,12 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, send_and_note)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            metrics.HTTP_SECONDS.labels(scope["method"], route, str(status[0])).observe(
-                time.perf_counter() - started
-            )
+            key = (scope["method"], route, status[0])
+            child = self._children.get(key)
+            if child is None:
+                child = metrics.HTTP_SECONDS.labels(key[0], route, str(key[2]))
+                self._children[key] = child
+            child.observe(time.perf_counter() - started)
 
 
 def metrics_endpoint(request: Request) -> Response:

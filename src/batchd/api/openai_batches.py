@@ -10,7 +10,8 @@ from batchd import idempotency, service
 from batchd.api import openapi_bodies
 from batchd.api.auth import Tenant
 from batchd.api.bodies import read_json
-from batchd.api.deps import ServicesDep
+from batchd.api.deps import ServicesDep, read
+from batchd.api.responses import JSONResponse
 from batchd.protocol import openai as oa
 
 router = APIRouter()
@@ -39,26 +40,34 @@ async def create_batch(request: Request, tenant: Tenant, services: ServicesDep) 
     return oa.batch_object(record)
 
 
-@router.get("/v1/batches")
-def list_batches(
+# The polling routes: async, their store read through deps.read, and the body rendered by
+# orjson straight from the dict (response_model keeps the OpenAPI schema what it was, without
+# FastAPI validating and re-serializing a plain dict on every poll).
+@router.get("/v1/batches", response_model=dict[str, Any])
+async def list_batches(
     tenant: Tenant,
     services: ServicesDep,
     after: str | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-) -> dict[str, Any]:
-    records, has_more = services.store.list_batches(
+) -> JSONResponse:
+    records, has_more = await read(
+        services,
+        services.store.list_batches,
         tenant,
         "openai",
         after=after,
         limit=limit,
         stats_max_age=services.settings.batch_counts_max_age_seconds,
     )
-    return oa.list_object([oa.batch_object(r) for r in records], has_more)
+    return JSONResponse(oa.list_object([oa.batch_object(r) for r in records], has_more))
 
 
-@router.get("/v1/batches/{batch_id}")
-def retrieve_batch(batch_id: str, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
-    return oa.batch_object(service.get_batch(services, tenant, batch_id, "openai", for_poller=True))
+@router.get("/v1/batches/{batch_id}", response_model=dict[str, Any])
+async def retrieve_batch(batch_id: str, tenant: Tenant, services: ServicesDep) -> JSONResponse:
+    record = await read(
+        services, service.get_batch, services, tenant, batch_id, "openai", for_poller=True
+    )
+    return JSONResponse(oa.batch_object(record))
 
 
 @router.post("/v1/batches/{batch_id}/cancel")

@@ -5,7 +5,6 @@ request in an extra task with memory streams, a cost every poll would pay."""
 
 from __future__ import annotations
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import ids
@@ -22,9 +21,11 @@ class RequestIdMiddleware:
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                if "x-request-id" not in headers:
-                    headers.append("x-request-id", ids.request_id())
+                # The raw header list, as MutableHeaders would edit it, without building one.
+                headers = list(message.get("headers", ()))
+                if not any(name == b"x-request-id" for name, _ in headers):
+                    headers.append((b"x-request-id", ids.request_id().encode("latin-1")))
+                message["headers"] = headers
             await send(message)
 
         await self.app(scope, receive, send_with_id)
