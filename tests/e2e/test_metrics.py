@@ -1,6 +1,7 @@
 """Prometheus metrics of `batchd serve`, scraped over real HTTP after a real batch ran on the
 bundled model: queue depth per state, leases, engine tokens, request latency, finalized
-batches, and HTTP latency labelled by route template (never by id)."""
+batches, and HTTP latency labelled by route template (never by id). The scrape needs an API
+key (any tenant's) when keys are configured, and is open on a loopback server without keys."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import API_KEY, chat_line, upload, wait_for
+from tests.conftest import API_KEY, OTHER_KEY, chat_line, upload, wait_for
 from tests.serverproc import ServerProcess, running_server
+
+BEARER = {"authorization": f"Bearer {API_KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -21,12 +24,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server of this module's own: the session's shared server may still be finishing other
     tests' work, which would make the exact counters below count someone else's requests."""
     data_dir = tmp_path_factory.mktemp("batchd-metrics")
-    with running_server(data_dir, BATCHD_API_KEYS=API_KEY) as srv:
+    with running_server(data_dir, BATCHD_API_KEYS=f"{API_KEY},{OTHER_KEY}") as srv:
         yield srv
 
 
-def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    response = httpx.get(f"{url}/metrics", timeout=30)  # no key: aggregates only, open
+def scrape(
+    url: str, headers: dict[str, str] | None = None
+) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = httpx.get(
+        f"{url}/metrics", headers=BEARER if headers is None else headers, timeout=30
+    )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("text/plain")
     samples = {}
@@ -97,14 +104,76 @@ def test_metrics_count_a_batch_end_to_end(server: ServerProcess, client: openai.
     )
 
 
-def test_metrics_endpoint_needs_no_key_but_other_paths_do(server: ServerProcess) -> None:
-    assert httpx.get(f"{server.url}/metrics", timeout=30).status_code == 200
-    assert httpx.post(f"{server.url}/metrics", timeout=30).status_code == 401
-    assert (
-        httpx.get(
-            f"{server.openai_base_url}/models",
-            headers={"authorization": f"Bearer {API_KEY}"},
-            timeout=30,
-        ).status_code
-        == 200
+def test_polls_and_lists_are_labelled_by_route_template(server: ServerProcess) -> None:
+    """The polling routes are served on a fast path of their own (api/polling.py); their
+    latency still lands under the route's template, for both surfaces."""
+    before = scrape(server.url)
+    created = httpx.post(
+        f"{server.url}/v1/messages/batches",
+        headers=BEARER,
+        json={
+            "requests": [
+                {
+                    "custom_id": "a0",
+                    "params": {
+                        "model": "default",
+                        "max_tokens": 2,
+                        "messages": [{"role": "user", "content": "Hi."}],
+                    },
+                }
+            ]
+        },
+        timeout=30,
     )
+    assert created.status_code == 200, created.text
+    message_batch_id = created.json()["id"]
+    for path in (
+        "/v1/batches",
+        "/v1/batches?limit=3",
+        "/v1/messages/batches",
+        f"/v1/messages/batches/{message_batch_id}",
+    ):
+        response = httpx.get(f"{server.url}{path}", headers=BEARER, timeout=30)
+        assert response.status_code == 200, response.text
+    after = scrape(server.url)
+
+    def grew(route: str) -> float:
+        name = "batchd_http_request_duration_seconds_count"
+        labels = {"route": route, "method": "GET", "status": "200"}
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert grew("/v1/batches") == 2
+    assert grew("/v1/messages/batches") == 1
+    assert grew("/v1/messages/batches/{message_batch_id}") == 1
+    assert not any(message_batch_id in str(labels) for _, labels in after)
+
+
+def test_metrics_endpoint_needs_a_key(server: ServerProcess) -> None:
+    url = f"{server.url}/metrics"
+    missing = httpx.get(url, timeout=30)
+    assert missing.status_code == 401
+    assert missing.json()["error"]["type"] == "invalid_request_error"  # OpenAI's shape
+    assert "batchd_" not in missing.text
+    wrong = httpx.get(url, headers={"authorization": "Bearer not-a-key-at-all"}, timeout=30)
+    assert wrong.status_code == 401
+    assert "batchd_" not in wrong.text
+    assert httpx.head(url, timeout=30).status_code == 401
+    # Any tenant's key, either header (Prometheus sends `authorization: Bearer <credentials>`).
+    assert "batchd_queue_requests" in httpx.get(url, headers=BEARER, timeout=30).text
+    other = httpx.get(url, headers={"authorization": f"Bearer {OTHER_KEY}"}, timeout=30)
+    assert other.status_code == 200
+    assert httpx.get(url, headers={"x-api-key": OTHER_KEY}, timeout=30).status_code == 200
+    assert httpx.post(url, headers=BEARER, timeout=30).status_code == 405
+    # /healthz alone stays open.
+    assert httpx.get(f"{server.url}/healthz", timeout=30).status_code == 200
+
+
+def test_metrics_are_open_on_a_loopback_server_without_keys(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    data_dir = tmp_path_factory.mktemp("batchd-metrics-nokeys")
+    with running_server(data_dir, BATCHD_ENGINE="fake") as srv:
+        samples = scrape(srv.url, headers={})
+        assert ("batchd_queue_requests", (("state", "pending"),)) in samples
+        # As open as every other route there, no more.
+        assert httpx.get(f"{srv.url}/v1/batches", timeout=30).status_code == 200

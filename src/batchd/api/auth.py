@@ -3,9 +3,14 @@
 It is ASGI middleware rather than a route dependency so that nothing escapes it: odd
 spellings of paths (``//v1/batches``, trailing slashes), unknown paths, ``HEAD`` and
 ``OPTIONS`` all need a key, and an unauthenticated caller learns nothing about which routes
-exist. ``/healthz`` and ``/metrics`` (aggregates, no tenant data) alone are open. Keys
-travel as ``Authorization: Bearer <key>`` (OpenAI) or ``x-api-key`` (Anthropic); when both are
-sent they must be the same key.
+exist. ``GET /healthz`` alone is open (it says whether the server accepts work, nothing
+else). ``GET /metrics`` needs a key like every other path, any tenant's (its figures are
+aggregates over all tenants, but they still tell a stranger how busy the service is and how
+many batches it holds; Prometheus sends the key with ``authorization: credentials``); with no
+keys configured it is as open as everything else (loopback only, unless
+``--insecure-no-auth``). A worker's ``--metrics-port`` is its own server, outside this. Keys
+travel as ``Authorization: Bearer <key>`` (OpenAI) or ``x-api-key`` (Anthropic); when both
+are sent they must be the same key.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from batchd.api.errors import error_response
 from batchd.api.keyring import PUBLIC_TENANT, KeyRing
 from batchd.errors import Unauthorized
 
-OPEN_PATHS = frozenset({"/healthz", "/metrics"})  # no tenant data in either
+OPEN_PATHS = frozenset({"/healthz"})  # no tenant data, no figures
 
 
 def _presented_key(request: Request) -> str | None:

@@ -49,6 +49,6 @@ class HttpMetricsMiddleware:
 
 
 def metrics_endpoint(request: Request) -> Response:
-    """Aggregate figures only (no tenant, batch or prompt in any label), so it is open like
-    ``/healthz``; scrape it from inside the network."""
+    """Aggregate figures only (no tenant, batch or prompt in any label). Behind the API keys
+    like every route but ``/healthz`` (see ``api/auth.py``): any tenant's key may scrape."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
