@@ -78,8 +78,12 @@ async def execute_openai(
         obj = orjson.loads(body)
         checked = oa.check_body(endpoint, obj)
         served = engine.resolve_model(checked.model)
-        upstream = passthrough_engine(engine, served) if served is not None else None
-        if served is not None and upstream is not None:
+        if served is None:
+            # Before the embedded engine's own checks (no embeddings, no penalties...): a
+            # model nobody serves is a 404 whatever else the body asks for.
+            raise ModelNotFound(checked.model)
+        upstream = passthrough_engine(engine, served)
+        if upstream is not None:
             return await _forward(upstream, served, endpoint, obj, context)
         parsed = oa.parse_body(endpoint, obj)
         generation = resolve(engine, parsed.to_generation(Priority.BATCH))
