@@ -6,7 +6,14 @@ from pathlib import Path
 import pytest
 
 from batchd import registry
-from batchd.engines.upstream import TokenBucket, Upstream, parse_retry_after
+from batchd.engines.openai_http import _StreamUsage
+from batchd.engines.upstream import (
+    PoolSlots,
+    TokenBucket,
+    Upstream,
+    is_retryable_status,
+    parse_retry_after,
+)
 
 GOOD = """
 [llamacpp]
@@ -89,8 +96,7 @@ def test_token_bucket_is_settled_by_reported_usage() -> None:
             "http://x/v1", max_concurrency=1, requests_per_minute=None, tokens_per_minute=600
         )
         assert upstream.tokens is not None
-        await upstream.admit(500)
-        upstream.release()
+        await upstream.within_rates(500)
         check(upstream)
 
     asyncio.run(scenario())
@@ -112,3 +118,75 @@ def test_token_bucket_refund_never_goes_negative() -> None:
         assert bucket.has_capacity(100) and not bucket.has_capacity(101)
 
     asyncio.run(scenario())
+
+
+def test_only_429_and_5xx_statuses_are_retried() -> None:
+    assert is_retryable_status(429) and is_retryable_status(500) and is_retryable_status(503)
+    for final in (400, 401, 403, 404, 408, 409, 413, 422):
+        assert not is_retryable_status(final), final
+
+
+def test_pool_slots_go_to_realtime_waiters_first_then_in_arrival_order() -> None:
+    async def scenario() -> None:
+        slots = PoolSlots(1)
+        await slots.acquire(1)  # the one slot is taken
+        order: list[str] = []
+
+        async def wait(name: str, priority: int) -> None:
+            await slots.acquire(priority)
+            order.append(name)
+
+        tasks = [
+            asyncio.create_task(wait("batch-1", 1)),
+            asyncio.create_task(wait("batch-2", 1)),
+            asyncio.create_task(wait("realtime", 0)),
+        ]
+        await asyncio.sleep(0)
+        assert slots.waiting() == 3
+        for _ in tasks:
+            slots.release()
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+        assert order == ["realtime", "batch-1", "batch-2"]
+        slots.release()
+        assert slots.free == 1 and slots.waiting() == 0
+
+    asyncio.run(scenario())
+
+
+def test_a_pool_slot_handed_to_a_cancelled_waiter_is_passed_on() -> None:
+    async def scenario() -> None:
+        slots = PoolSlots(1)
+        await slots.acquire(1)
+        first = asyncio.create_task(slots.acquire(1))
+        second = asyncio.create_task(slots.acquire(1))
+        await asyncio.sleep(0)
+        slots.release()  # handed to the first waiter...
+        first.cancel()  # ...which is cancelled before it runs
+        await asyncio.gather(first, return_exceptions=True)
+        await asyncio.wait_for(second, 1)  # the slot went on to the next one
+        assert slots.free == 0 and slots.waiting() == 0
+        third = asyncio.create_task(slots.acquire(1))
+        await asyncio.sleep(0)
+        third.cancel()  # cancelled while waiting: it leaves the queue
+        await asyncio.gather(third, return_exceptions=True)
+        assert slots.waiting() == 0
+        slots.release()
+        assert slots.free == 1
+
+    asyncio.run(scenario())
+
+
+def test_stream_usage_is_read_across_chunk_boundaries() -> None:
+    watcher = _StreamUsage()
+    events = (
+        b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":12,"completion_tokens":3}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    for start in range(0, len(events), 7):  # cut anywhere, even inside the usage event
+        watcher.feed(events[start : start + 7])
+    assert watcher.found and (watcher.prompt, watcher.completion) == (12, 3)
+    silent = _StreamUsage()
+    silent.feed(b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\ndata: [DONE]\n\n')
+    assert not silent.found

@@ -7,7 +7,7 @@ Two ways in:
 - ``generate`` / ``stream``: a ``GenerationRequest`` (Anthropic surfaces) turned into a chat or
   completions body, and the answer back into a ``GenerationResult``.
 
-Faults: 429, 408/409, 5xx, connection errors and timeouts are retried (tenacity: exponential
+Faults: 429, 5xx, connection errors and timeouts are retried (tenacity: exponential
 backoff with jitter, or the upstream's ``Retry-After``), each attempt on the least-loaded healthy
 URL of the pool. A batch request retries in place for at most ``BATCH_HOLD_SECONDS`` (never
 past its deadline) and then raises ``RetryLater`` so its slot goes to other work; the scheduler
@@ -24,6 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import anyio
 import httpx
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -42,7 +43,7 @@ from batchd.engines.base import (
     RetryLater,
     StreamDelta,
 )
-from batchd.engines.upstream import Retryable, Upstream, classify, transport_failure
+from batchd.engines.upstream import PoolSlots, Retryable, Upstream, classify, transport_failure
 from batchd.errors import EngineError, UpstreamError
 from batchd.registry import OpenAIHttpModel
 
@@ -53,6 +54,7 @@ REALTIME_RETRY_SECONDS = 30.0  # a realtime caller waits at most this long for r
 MAX_BACKOFF_SECONDS = 20.0
 CHARS_PER_TOKEN = 4  # the estimate before sending; see upstream.py
 CAPACITY_PER_SLOT = 2  # batch requests kept per concurrency slot, so a freed slot never idles
+CLOSE_SECONDS = 5.0  # closing an abandoned stream's upstream connection, at most
 
 T = TypeVar("T")
 
@@ -75,6 +77,7 @@ class OpenAIHttpEngine:
             )
             for url in config.urls
         ]
+        self.slots = PoolSlots(config.max_concurrency * len(self.pool))
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.client: httpx.AsyncClient | None = None
         self.outstanding = 0  # requests inside this engine (waiting, sending or retrying)
@@ -178,9 +181,9 @@ class OpenAIHttpEngine:
             # A final error (its body already read), or a realtime caller out of retries
             # (no slot held then: the failed attempt gave its slot back).
             if upstream is not None:
-                upstream.release()
+                self._release(upstream)
             return ForwardStream(response.status_code, _once(response.content), attempts)
-        return ForwardStream(200, _relay(response, upstream), attempts)
+        return ForwardStream(200, self._relay(response, upstream, estimate), attempts)
 
     # ------------------------------------------------------------ generation
 
@@ -293,12 +296,48 @@ class OpenAIHttpEngine:
             body["stream_options"] = {"include_usage": True}
         return endpoint, body
 
-    def _pick(self) -> Upstream:
-        """Least outstanding work among URLs not blocked; if all are, the soonest free."""
-        healthy = [u for u in self.pool if u.blocked_for() == 0]
-        if healthy:
-            return min(healthy, key=lambda u: u.outstanding)
-        return min(self.pool, key=lambda u: u.blocked_until)
+    async def _take_slot(self, priority: Priority) -> Upstream:
+        """Wait for a slot of the pool, then take the URL with the least outstanding work
+        among those with a free slot and not blocked. ``_release`` it after the attempt."""
+        await self.slots.acquire(priority)
+        free = [u for u in self.pool if u.has_free_slot() and u.blocked_for() == 0]
+        if not free:
+            # The free slots are on URLs that became blocked while we waited.
+            self.slots.release()
+            raise Retryable("every upstream URL with a free slot is blocked", sent=False)
+        upstream = min(free, key=lambda u: u.outstanding)
+        upstream.take_slot()
+        return upstream
+
+    def _release(self, upstream: Upstream) -> None:
+        upstream.release_slot()
+        self.slots.release()
+
+    async def _relay(
+        self, response: httpx.Response, upstream: Upstream, estimate: int
+    ) -> AsyncIterator[bytes]:
+        """The stream's bytes as they come; its slot is held until it ends or the caller stops
+        reading (a client that hangs up closes this generator). A ``usage`` the stream reports
+        (OpenAI's ``stream_options.include_usage``, vLLM's and SGLang's final chunk) settles the
+        token budget as a full response's does; a stream without one (llama-cpp-python's server
+        ignores ``stream_options``) stays charged the estimate."""
+        usage = _StreamUsage()
+        try:
+            async for chunk in response.aiter_bytes():  # decoded: we re-serve it uncompressed
+                usage.feed(chunk)
+                yield chunk
+        finally:
+            try:
+                # A client that hung up cancels us (Starlette's disconnect watch: a cancel scope
+                # that cancels every await again): close the upstream connection shielded, so
+                # the upstream sees it end, and give the slot back whatever happens.
+                with anyio.move_on_after(CLOSE_SECONDS, shield=True):
+                    await response.aclose()
+            finally:
+                self._release(upstream)
+                if usage.found:
+                    upstream.settle_tokens(estimate, usage.prompt + usage.completion)
+                    metrics.count_tokens(self.model_id, usage.prompt, usage.completion)
 
     async def _with_retries(
         self,
@@ -346,39 +385,39 @@ class OpenAIHttpEngine:
 
         async def attempt() -> T:
             nonlocal attempts
-            upstream = self._pick()
-            blocked = upstream.blocked_for()
-            if blocked > 0:
-                raise Retryable(f"{upstream.base_url} is blocked", sent=False)
-            upstream.outstanding += 1
+            if all(u.blocked_for() > 0 for u in self.pool):
+                soonest = min(self.pool, key=lambda u: u.blocked_until)
+                raise Retryable(f"{soonest.base_url} is blocked", sent=False)
+            upstream = await self._take_slot(request.priority)
             try:
-                await upstream.admit(estimate)
-                attempts += 1
-                try:
-                    result = await send(upstream)
-                except httpx.HTTPError as exc:
-                    upstream.release()
-                    failure = transport_failure(exc, upstream.base_url)
-                    upstream.record_failure(None)
-                    metrics.UPSTREAM_ATTEMPTS.labels(self.model_id, "transport_error").inc()
-                    raise failure from None
-                except Retryable as failure:
-                    upstream.release()
-                    upstream.record_failure(failure.retry_after)
-                    last_answer[0] = failure
-                    metrics.UPSTREAM_ATTEMPTS.labels(self.model_id, "retryable_status").inc()
-                    raise
-                except BaseException:
-                    upstream.release()
-                    raise
-                upstream.record_success()
-                metrics.UPSTREAM_ATTEMPTS.labels(self.model_id, "answered").inc()
-                if not hold_slot:
-                    upstream.release()
-                    _settle(upstream, estimate, result, self.model_id)
-                return result
-            finally:
-                upstream.outstanding -= 1
+                await upstream.within_rates(estimate)
+            except BaseException:
+                self._release(upstream)
+                raise
+            attempts += 1
+            try:
+                result = await send(upstream)
+            except httpx.HTTPError as exc:
+                self._release(upstream)
+                failure = transport_failure(exc, upstream.base_url)
+                upstream.record_failure(None)
+                metrics.UPSTREAM_ATTEMPTS.labels(self.model_id, "transport_error").inc()
+                raise failure from None
+            except Retryable as failure:
+                self._release(upstream)
+                upstream.record_failure(failure.retry_after)
+                last_answer[0] = failure
+                metrics.UPSTREAM_ATTEMPTS.labels(self.model_id, "retryable_status").inc()
+                raise
+            except BaseException:
+                self._release(upstream)
+                raise
+            upstream.record_success()
+            metrics.UPSTREAM_ATTEMPTS.labels(self.model_id, "answered").inc()
+            if not hold_slot:
+                self._release(upstream)
+                _settle(upstream, estimate, result, self.model_id)
+            return result
 
         self.outstanding += 1
         try:
@@ -462,13 +501,41 @@ async def _once(body: bytes) -> AsyncIterator[bytes]:
     yield body
 
 
-async def _relay(response: httpx.Response, upstream: Upstream) -> AsyncIterator[bytes]:
-    try:
-        async for chunk in response.aiter_bytes():  # decoded: we re-serve it uncompressed
-            yield chunk
-    finally:
-        await response.aclose()
-        upstream.release()
+class _StreamUsage:
+    """Watches an OpenAI SSE stream go by for the last ``usage`` it reports."""
+
+    MAX_LINE_BYTES = 1 << 20  # a longer line is not an event we need to read
+
+    def __init__(self) -> None:
+        self.partial = b""
+        self.found = False
+        self.prompt = 0
+        self.completion = 0
+
+    def feed(self, chunk: bytes) -> None:
+        data = self.partial + chunk
+        *lines, self.partial = data.split(b"\n")
+        if len(self.partial) > self.MAX_LINE_BYTES:
+            self.partial = b""
+        for line in lines:
+            if b'"usage"' in line:
+                self._read(line.strip())
+
+    def _read(self, line: bytes) -> None:
+        if not line.startswith(b"data:"):
+            return
+        try:
+            event = orjson.loads(line[5:])
+            usage = event.get("usage") if isinstance(event, dict) else None
+            if not isinstance(usage, dict):
+                return
+            prompt = int(usage.get("prompt_tokens") or 0)
+            completion = int(usage.get("completion_tokens") or 0)
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            return
+        if prompt or completion:
+            self.found = True
+            self.prompt, self.completion = prompt, completion
 
 
 async def _sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict[str, Any]]:

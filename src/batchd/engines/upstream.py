@@ -1,7 +1,11 @@
 """One upstream base URL: its limits, its health, and one HTTP attempt against it.
 
 Limits are per base URL, enforced with real primitives, never sleep loops:
-- concurrency: an ``asyncio.Semaphore`` held for the whole attempt (a stream: until it ends);
+- concurrency: ``max_concurrency`` slots per URL, held for the whole attempt (a stream: until
+  it ends). A pool's slots are handed out by one queue (``PoolSlots``, futures, no polling):
+  a request waits for *any* URL's slot and then takes the free one with the least work, so a
+  burst is not dealt out round-robin to URLs before they can take it, and realtime waiters go
+  ahead of batch waiters;
 - requests per minute: an ``aiolimiter.AsyncLimiter`` with one second's worth of burst
   (``rpm/60`` requests per second, at least one), so a limit of 60 means one request a second,
   not 60 at once and then a minute of silence;
@@ -10,7 +14,8 @@ Limits are per base URL, enforced with real primitives, never sleep loops:
   English; the JSON keys around the text make this an over-estimate) plus its ``max_tokens``
   (the most it can generate). When the response reports ``usage``, the difference is settled:
   an under-estimate is charged afterwards (so the next requests wait), an over-estimate is
-  refunded (``TokenBucket.refund``).
+  refunded (``TokenBucket.refund``). A stream is settled the same way when it reports
+  ``usage`` in its events; one that does not stays charged the estimate.
 
 Health is a small circuit: after ``CIRCUIT_THRESHOLD`` consecutive retryable failures the URL
 is blocked for an exponentially growing, jittered time (capped), and a 429's ``Retry-After``
@@ -22,6 +27,7 @@ batches keep their slots) until the block lapses and a request probes it again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import email.utils
 import random
 import time
@@ -32,8 +38,10 @@ from aiolimiter import AsyncLimiter
 CIRCUIT_THRESHOLD = 3  # consecutive retryable failures before a URL is blocked
 MAX_BLOCK_SECONDS = 30.0
 MAX_RETRY_AFTER_SECONDS = 600.0  # a Retry-After beyond this is clamped (a misconfigured proxy)
-# As the official OpenAI SDK retries: request timeout, lock conflict, rate limit, and every 5xx.
-RETRYABLE_STATUSES = frozenset({408, 409, 429})
+# Only a rate limit (and every 5xx, below) is worth another attempt. Any other 4xx is the
+# upstream's verdict on this request (a 408 or 409 included: the OpenAI SDK retries those, but
+# an upstream answering them about a batch line has judged that line) and is final.
+RETRYABLE_STATUSES = frozenset({429})
 
 
 class TokenBucket(AsyncLimiter):
@@ -93,6 +101,48 @@ def is_retryable_status(status: int) -> bool:
     return status >= 500 or status in RETRYABLE_STATUSES
 
 
+class PoolSlots:
+    """The concurrency slots of a whole pool, handed out in priority order (lower first: the
+    engine's ``Priority``), first come first served within one.
+
+    A freed slot is handed to the first waiter directly (never back to a common count a
+    newcomer could take first). The URL behind a slot is chosen by the caller once it has one:
+    ``acquire`` only guarantees that some URL of the pool has a free slot."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self._waiters: dict[int, collections.deque[asyncio.Future[None]]] = {}
+
+    def waiting(self) -> int:
+        return sum(len(queue) for queue in self._waiters.values())
+
+    async def acquire(self, priority: int) -> None:
+        if self.free > 0 and not self.waiting():
+            self.free -= 1
+            return
+        queue = self._waiters.setdefault(priority, collections.deque())
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        queue.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # handed a slot as we were cancelled: pass it on
+            else:
+                queue.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        for priority in sorted(self._waiters):
+            queue = self._waiters[priority]
+            while queue:
+                waiter = queue.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
+        self.free += 1
+
+
 class Upstream:
     """One base URL (``http://host:8000/v1``) of a model's pool."""
 
@@ -106,7 +156,6 @@ class Upstream:
     ) -> None:
         self.base_url = base_url
         self.max_concurrency = max_concurrency
-        self.slots = asyncio.Semaphore(max_concurrency)
         self.requests: AsyncLimiter | None = None
         if requests_per_minute is not None:
             per_second = requests_per_minute / 60
@@ -115,7 +164,7 @@ class Upstream:
         self.tokens: TokenBucket | None = None
         if tokens_per_minute is not None:
             self.tokens = TokenBucket(tokens_per_minute, 60)
-        self.outstanding = 0  # attempts waiting for or holding a slot here
+        self.outstanding = 0  # attempts holding a slot here (waiting for its rates, or sent)
         self.failures = 0  # consecutive retryable failures
         self.blocked_until = 0.0  # time.monotonic(); not sent to before then
 
@@ -141,21 +190,23 @@ class Upstream:
 
     # ------------------------------------------------------------ limits
 
-    async def admit(self, estimated_tokens: int) -> None:
-        """Wait for a concurrency slot, then for the rate limits. The caller must
-        ``release()`` after the attempt (including a stream's end)."""
-        await self.slots.acquire()
-        try:
-            if self.requests is not None:
-                await self.requests.acquire()
-            if self.tokens is not None:
-                await self.tokens.acquire(min(float(estimated_tokens), self.tokens.max_rate))
-        except BaseException:
-            self.slots.release()
-            raise
+    def has_free_slot(self) -> bool:
+        return self.outstanding < self.max_concurrency
 
-    def release(self) -> None:
-        self.slots.release()
+    def take_slot(self) -> None:
+        """Take one of this URL's slots (the caller has checked ``has_free_slot``, and holds a
+        slot of the pool's queue for it); ``release_slot()`` after the attempt."""
+        self.outstanding += 1
+
+    def release_slot(self) -> None:
+        self.outstanding -= 1
+
+    async def within_rates(self, estimated_tokens: int) -> None:
+        """Wait until the request and token rates allow one more request."""
+        if self.requests is not None:
+            await self.requests.acquire()
+        if self.tokens is not None:
+            await self.tokens.acquire(min(float(estimated_tokens), self.tokens.max_rate))
 
     def settle_tokens(self, estimated: int, actual: int) -> None:
         """Correct the token budget with the usage the upstream reported."""
