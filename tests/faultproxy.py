@@ -6,17 +6,25 @@ closes); the rest are forwarded (streams included). It measures what the upstrea
 every request's arrival time and path, and the most requests it held at once.
 
 Faults are drawn from a seeded RNG, so a run is repeatable. A body containing
-``FAIL_400_MARKER`` is answered with a 400 and a known body (a final upstream error), whatever
-the fractions say. One request per connection (``Connection: close``) keeps the HTTP side
-small: this is a test instrument, not a proxy to deploy.
+``please-fail-with-NNN`` (``FAIL_400_MARKER``, ``fail_marker(409)``) is answered with that status
+and a known body (``fail_body``: a final upstream error), whatever the fractions say. A script
+(``FaultProxy.script``) gives the requests whose body holds a marker a fixed list of outcomes,
+one per attempt, before they are forwarded. Forwarded requests can be delayed (a slow
+upstream) or, for streams, stalled after their first chunk. Each request's answered usage
+(``usage`` of a JSON body or of an SSE event) is recorded, as the upstream reported it. One
+request per connection (``Connection: close``) keeps the HTTP side small: this is a test
+instrument, not a proxy to deploy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import itertools
+import json
 import random
+import re
 import socket
 import struct
 import threading
@@ -31,6 +39,22 @@ FAIL_400_BODY = (
     b'{"error":{"message":"upstream refuses this prompt","type":"invalid_request_error",'
     b'"param":"messages","code":"upstream_says_no"}}'
 )
+_FAIL_MARKER = re.compile(rb"please-fail-with-([1-5][0-9][0-9])")
+MAX_RECORDED_ANSWER_BYTES = 1 << 20
+
+
+def fail_marker(status: int) -> str:
+    """Text that makes the proxy answer ``status`` with ``fail_body(status)``."""
+    return f"please-fail-with-{status}"
+
+
+def fail_body(status: int) -> bytes:
+    if status == 400:
+        return FAIL_400_BODY
+    return (
+        b'{"error":{"message":"upstream refuses this prompt with %d","type":'
+        b'"invalid_request_error","param":null,"code":"upstream_says_%d"}}' % (status, status)
+    )
 
 
 @dataclass
@@ -42,15 +66,19 @@ class Faults:
     retry_after: int = 1
     stall_seconds: float = 5.0
     seed: int = 1234
+    delay_seconds: float = 0.0  # a forwarded request waits this long first (a slow upstream)
+    stall_mid_stream: bool = False  # forwarded: after the first chunk, stall_seconds of nothing
 
 
 @dataclass
 class Seen:
     arrived: float
     path: str
-    outcome: str  # "forwarded", "429", "500", "reset", "stall", "400"
+    outcome: str  # "forwarded", "429", "500", "reset", "stall", or a marker's "409"...
     body: bytes = b""
     authorization: str | None = None
+    ended: float | None = None  # when the proxy was done with it (answered, or hung up on)
+    usage_tokens: int | None = None  # prompt + completion tokens the upstream reported
 
 
 @dataclass
@@ -63,6 +91,7 @@ class FaultProxy:
     # (time, +1 | -1) at every request's arrival and end: concurrency over any window.
     events: list[tuple[float, int]] = field(default_factory=list)
     _inflight: int = 0
+    _scripts: dict[str, collections.deque[str]] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -111,9 +140,21 @@ class FaultProxy:
             self.max_inflight = 0
 
     def set_faults(self, faults: Faults) -> None:
+        """New fault fractions; scripts are dropped."""
         with self._lock:
             self.faults = faults
             self._rng = random.Random(faults.seed)
+            self._scripts.clear()
+
+    def script(self, marker: str, outcomes: list[str]) -> None:
+        """Requests whose body contains ``marker`` meet ``outcomes`` in order, one per attempt
+        ("429", "429:2" for a Retry-After of 2 s, "500", "reset", "stall"), then are forwarded."""
+        with self._lock:
+            self._scripts[marker] = collections.deque(outcomes)
+
+    def for_marker(self, marker: str) -> list[Seen]:
+        with self._lock:
+            return [s for s in self.seen if marker.encode() in s.body]
 
     def mean_inflight(self) -> float:
         """Time-weighted mean of requests in flight, from the first arrival to the last end."""
@@ -144,9 +185,13 @@ class FaultProxy:
         ready.set()
 
     def _draw(self, body: bytes) -> str:
-        if FAIL_400_MARKER.encode() in body:
-            return "400"
+        marked = _FAIL_MARKER.search(body)
+        if marked:
+            return marked.group(1).decode()
         with self._lock:
+            for marker, outcomes in self._scripts.items():
+                if outcomes and marker.encode() in body:
+                    return outcomes.popleft()
             f = self.faults
             x = self._rng.random()
         for outcome, share in (
@@ -175,39 +220,38 @@ class FaultProxy:
                 headers[name.strip().lower()] = value.strip()
         length = int(headers.get("content-length", "0") or 0)
         body = await reader.readexactly(length) if length else b""
-        outcome = self._draw(body)
+        outcome, _, parameter = self._draw(body).partition(":")
+        seen = Seen(time.time(), path, outcome, body, headers.get("authorization"))
         with self._lock:
-            self.seen.append(Seen(time.time(), path, outcome, body, headers.get("authorization")))
+            self.seen.append(seen)
             self._inflight += 1
             self.max_inflight = max(self.max_inflight, self._inflight)
             self.events.append((time.time(), 1))
         try:
-            await self._answer_until_client_leaves(
-                outcome, method, path, headers, body, reader, writer
-            )
+            await self._answer_until_client_leaves(seen, parameter, method, headers, reader, writer)
         except (ConnectionError, asyncio.CancelledError):
             pass
         finally:
             with self._lock:
                 self._inflight -= 1
-                self.events.append((time.time(), -1))
+                seen.ended = time.time()
+                self.events.append((seen.ended, -1))
             with contextlib.suppress(Exception):
                 writer.close()
 
     async def _answer_until_client_leaves(
         self,
-        outcome: str,
+        seen: Seen,
+        parameter: str,
         method: str,
-        path: str,
         headers: dict[str, str],
-        body: bytes,
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
     ) -> None:
         """Answer, but stop as soon as the client hangs up: a request the client has given up
         on (its timeout fired and it closed the socket) no longer counts as in flight, which is
         what the client's concurrency limit is about."""
-        answer = asyncio.ensure_future(self._answer(outcome, method, path, headers, body, writer))
+        answer = asyncio.ensure_future(self._answer(seen, parameter, method, headers, writer))
         hangup = asyncio.ensure_future(reader.read(1))  # b"" once the client closes
         try:
             await asyncio.wait({answer, hangup}, return_when=asyncio.FIRST_COMPLETED)
@@ -220,24 +264,24 @@ class FaultProxy:
 
     async def _answer(
         self,
-        outcome: str,
+        seen: Seen,
+        parameter: str,
         method: str,
-        path: str,
         headers: dict[str, str],
-        body: bytes,
         writer: asyncio.StreamWriter,
     ) -> None:
+        outcome = seen.outcome
         if outcome == "429":
             await _respond(
                 writer,
                 429,
                 b'{"error":{"message":"slow down","type":"rate_limit_error"}}',
-                {"retry-after": str(self.faults.retry_after)},
+                {"retry-after": parameter or str(self.faults.retry_after)},
             )
         elif outcome == "500":
             await _respond(writer, 500, b'{"error":{"message":"boom","type":"server_error"}}')
-        elif outcome == "400":
-            await _respond(writer, 400, FAIL_400_BODY)
+        elif outcome.isdigit():
+            await _respond(writer, int(outcome), fail_body(int(outcome)))
         elif outcome == "reset":
             sock = writer.get_extra_info("socket")
             # SO_LINGER 0: close() sends a TCP RST instead of a graceful FIN.
@@ -246,21 +290,20 @@ class FaultProxy:
         elif outcome == "stall":
             await asyncio.sleep(self.faults.stall_seconds)
         else:
-            await self._forward(method, path, headers, body, writer)
+            await self._forward(seen, method, headers, writer)
 
     async def _forward(
-        self,
-        method: str,
-        path: str,
-        headers: dict[str, str],
-        body: bytes,
-        writer: asyncio.StreamWriter,
+        self, seen: Seen, method: str, headers: dict[str, str], writer: asyncio.StreamWriter
     ) -> None:
+        faults = self.faults
+        if faults.delay_seconds:
+            await asyncio.sleep(faults.delay_seconds)
         keep = {k: v for k, v in headers.items() if k in ("content-type", "authorization")}
         request = self._client.build_request(
-            method, self.upstream + path, content=body, headers=keep
+            method, self.upstream + seen.path, content=seen.body, headers=keep
         )
         response = await self._client.send(request, stream=True)
+        answer = bytearray()
         try:
             content_type = response.headers.get("content-type", "application/json")
             writer.write(
@@ -270,8 +313,33 @@ class FaultProxy:
             async for chunk in response.aiter_bytes():
                 writer.write(chunk)
                 await writer.drain()
+                if len(answer) < MAX_RECORDED_ANSWER_BYTES:
+                    answer += chunk
+                if faults.stall_mid_stream:
+                    await asyncio.sleep(faults.stall_seconds)
+                    return
         finally:
             await response.aclose()
+        seen.usage_tokens = reported_usage(bytes(answer))
+
+
+def reported_usage(answer: bytes) -> int | None:
+    """prompt + completion tokens of the ``usage`` in a JSON body or in an SSE stream's
+    events (the last one that has it), or None if the answer reports none."""
+    events: list[bytes] = [answer]
+    if answer.lstrip().startswith(b"data:"):
+        events = [
+            line.strip()[5:] for line in answer.split(b"\n") if line.strip().startswith(b"data:")
+        ]
+    total: int | None = None
+    for event in events:
+        try:
+            usage = json.loads(event).get("usage")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(usage, dict):
+            total = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
+    return total
 
 
 async def _respond(

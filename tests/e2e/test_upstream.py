@@ -4,13 +4,16 @@ proxy between them and a canary that must never be reached. Driven by the offici
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import socket
 import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +23,24 @@ import openai
 import pytest
 
 from tests.conftest import API_KEY, chat_line, read_jsonl, upload, wait_for
-from tests.faultproxy import FAIL_400_BODY, FAIL_400_MARKER, Canary, FaultProxy, Faults
-from tests.serverproc import ServerProcess, free_port, running_server
+from tests.faultproxy import (
+    FAIL_400_BODY,
+    FAIL_400_MARKER,
+    Canary,
+    FaultProxy,
+    Faults,
+    Seen,
+    fail_body,
+    fail_marker,
+)
+from tests.serverproc import ServerProcess, free_port
 from tests.upstreamproc import UPSTREAM_MODEL, llama_server
 
 UPSTREAM_KEY = "sk-upstream-test-key"
 FAULTY_CONCURRENCY = 2
 LIMITED_RPM = 60  # one request a second
+TPM = 2400  # smol-tpm: 40 tokens a second
+SELF_TPM = 130  # self-tpm: 2.17 tokens a second
 
 
 def closed_port() -> int:
@@ -65,6 +79,34 @@ def pool(upstream: str) -> Iterator[tuple[FaultProxy, FaultProxy]]:
 
 
 @pytest.fixture(scope="module")
+def tpm_proxy(upstream: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(upstream).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def one_proxy(upstream: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(upstream).start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def self_proxy(gateway_port: int) -> Iterator[FaultProxy]:
+    """In front of the gateway's own embedded model: an upstream that, unlike llama-cpp-python's
+    server, reports ``usage`` in streams (``stream_options.include_usage``)."""
+    p = FaultProxy(f"http://127.0.0.1:{gateway_port}").start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
 def canary() -> Iterator[Canary]:
     c = Canary()
     yield c
@@ -76,6 +118,7 @@ def registry_toml(
     limited: FaultProxy,
     down_port: int,
     pool: tuple[FaultProxy, FaultProxy] | None = None,
+    extra: str = "",
 ) -> str:
     pooled = ""
     if pool is not None:
@@ -88,6 +131,7 @@ max_concurrency = 1
 """
     return (
         pooled
+        + extra
         + f"""
 [llamacpp]
 max_seqs = 4
@@ -120,23 +164,61 @@ max_concurrency = 2
     )
 
 
+def more_models(tpm: FaultProxy, one: FaultProxy, self_upstream: FaultProxy) -> str:
+    return f"""
+[models.smol-tpm]
+engine = "openai-http"
+base_url = "{tpm.url}/v1"
+upstream_model = "{UPSTREAM_MODEL}"
+max_concurrency = 1
+tokens_per_minute = {TPM}
+
+[models.smol-one]
+engine = "openai-http"
+base_url = "{one.url}/v1"
+upstream_model = "{UPSTREAM_MODEL}"
+max_concurrency = 1
+timeout_seconds = 300  # a stalled stream is ended by its client leaving, not by a timeout
+
+[models.self-tpm]
+engine = "openai-http"
+base_url = "{self_upstream.url}/v1"
+upstream_model = "local"
+api_key_env = "SELF_TEST_KEY"
+max_concurrency = 1
+tokens_per_minute = {SELF_TPM}
+"""
+
+
 @pytest.fixture(scope="module")
 def gateway(
     tmp_path_factory: pytest.TempPathFactory,
     proxy: FaultProxy,
     limited_proxy: FaultProxy,
     pool: tuple[FaultProxy, FaultProxy],
+    tpm_proxy: FaultProxy,
+    one_proxy: FaultProxy,
+    self_proxy: FaultProxy,
+    gateway_port: int,
 ) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("gateway")
     config = root / "batchd.toml"
-    config.write_text(registry_toml(proxy, limited_proxy, closed_port(), pool))
-    with running_server(
-        root / "data",
-        BATCHD_API_KEYS=API_KEY,
-        BATCHD_CONFIG=str(config),
-        UPSTREAM_TEST_KEY=UPSTREAM_KEY,
-    ) as server:
+    extra = more_models(tpm_proxy, one_proxy, self_proxy)
+    config.write_text(registry_toml(proxy, limited_proxy, closed_port(), pool, extra))
+    server = ServerProcess(
+        data_dir=root / "data",
+        port=gateway_port,
+        env={
+            "BATCHD_API_KEYS": API_KEY,
+            "BATCHD_CONFIG": str(config),
+            "UPSTREAM_TEST_KEY": UPSTREAM_KEY,
+            "SELF_TEST_KEY": API_KEY,
+        },
+    ).start()
+    try:
         yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture()
@@ -185,6 +267,9 @@ def test_models_lists_each_model_with_its_engine(oa: openai.OpenAI) -> None:
         "smol": "openai-http",
         "smol-limited": "openai-http",
         "smol-pool": "openai-http",
+        "smol-tpm": "openai-http",
+        "smol-one": "openai-http",
+        "self-tpm": "openai-http",
         "down": "openai-http",
     }
 
@@ -275,23 +360,36 @@ def test_faults_every_request_ends_exactly_once_within_limits(
         )
     )
     proxy.reset_stats()
+    good = [f"f{i}" for i in range(12)]
+    refused = [f"no{i}" for i in range(3)]  # the upstream answers these 400: final
+    lines = [smol_line(custom_id, f"Name a colour, {custom_id}.") for custom_id in good]
+    for index, custom_id in enumerate(refused):
+        lines.insert(4 * index + 2, smol_line(custom_id, f"{FAIL_400_MARKER} {custom_id}"))
     try:
-        lines = [smol_line(f"f{i}", f"Name a colour, {i}.") for i in range(12)]
         batch, output, errors = run_batch(oa, lines, timeout=300)
     finally:
         proxy.set_faults(Faults())
     assert batch.status == "completed", batch
-    assert errors == []
-    assert sorted(line["custom_id"] for line in output) == sorted(f"f{i}" for i in range(12))
+    # Every request ended exactly once, in the file its outcome belongs in.
+    ended = [line["custom_id"] for line in output + errors]
+    assert sorted(ended) == sorted(good + refused)
+    assert sorted(line["custom_id"] for line in output) == sorted(good)
     assert all(line["response"]["status_code"] == 200 for line in output)
+    for line in errors:
+        assert line["response"]["status_code"] == 400
+        assert line["response"]["body"] == json.loads(FAIL_400_BODY)
+    assert batch.request_counts.completed == 12 and batch.request_counts.failed == 3
     outcomes = [s.outcome for s in proxy.seen]
-    for fault in ("429", "500", "reset", "stall"):
+    for fault in ("429", "500", "reset", "stall", "400"):
         assert fault in outcomes, outcomes  # every fault kind was met
     attempts = attempts_by_custom_id(gateway, batch.id)
     # Every attempt the upstream side saw is accounted to exactly one request.
     assert sum(attempts.values()) == len(proxy.seen)
-    assert max(attempts.values()) > 1 and min(attempts.values()) >= 1
-    assert proxy.max_inflight <= FAULTY_CONCURRENCY
+    assert max(attempts[c] for c in good) > 1 and min(attempts[c] for c in good) >= 1
+    assert all(attempts[c] == 1 for c in refused), attempts  # final at the first answer
+    assert proxy.count(outcome="400") == 3
+    # The limit held, and was used: two requests were in flight at once, not one at a time.
+    assert proxy.max_inflight == FAULTY_CONCURRENCY
 
 
 def test_requests_per_minute_and_concurrency_are_respected(
@@ -322,6 +420,29 @@ def test_a_pool_spreads_requests_over_its_urls(
     counts = [len(proxy.seen) for proxy in pool]
     assert sum(counts) == 6 and min(counts) >= 2, counts
     assert max(proxy.max_inflight for proxy in pool) == 1  # each URL's own limit
+
+
+def test_a_pool_prefers_the_url_with_less_outstanding_work(
+    oa: openai.OpenAI, pool: tuple[FaultProxy, FaultProxy]
+) -> None:
+    fast, slow = pool
+    for proxy in pool:
+        proxy.reset_stats()
+    slow.set_faults(Faults(delay_seconds=8))  # every request there takes 8 s more
+    try:
+        lines = [
+            chat_line(f"s{i}", f"Say {i}.", model="smol-pool", max_tokens=2) for i in range(12)
+        ]
+        batch, output, _ = run_batch(oa, lines)
+    finally:
+        slow.set_faults(Faults())
+    assert batch.status == "completed" and len(output) == 12
+    counts = len(fast.seen), len(slow.seen)
+    assert sum(counts) == 12, counts
+    # Round-robin would split them 6/6; by outstanding work the fast URL takes each request
+    # that arrives while the slow one is still busy.
+    assert counts[0] >= 2 * counts[1], counts
+    assert max(proxy.max_inflight for proxy in pool) == 1
 
 
 def test_a_down_upstream_does_not_block_other_models(
@@ -509,6 +630,260 @@ def test_anthropic_sdk_batches_and_realtime_against_an_upstream_model(
     assert "upstream refuses this prompt" in results["refused"].error.error.message
     attempts = attempts_by_custom_id(gateway, created.id)
     assert attempts == {"a": 1, "refused": 1}
+
+
+def test_4xx_other_than_429_is_final_with_the_upstream_status_and_body(
+    oa: openai.OpenAI, gateway: ServerProcess, proxy: FaultProxy
+) -> None:
+    proxy.reset_stats()
+    lines = [
+        smol_line("conflict", f"{fail_marker(409)} please"),
+        smol_line("timeout", f"{fail_marker(408)} please"),
+        smol_line("gone", f"{fail_marker(404)} please"),
+    ]
+    batch, output, errors = run_batch(oa, lines)
+    assert batch.status == "completed" and output == []
+    by_id = {line["custom_id"]: line["response"] for line in errors}
+    for custom_id, status in (("conflict", 409), ("timeout", 408), ("gone", 404)):
+        assert by_id[custom_id]["status_code"] == status
+        assert by_id[custom_id]["body"] == json.loads(fail_body(status))
+    assert attempts_by_custom_id(gateway, batch.id) == {"conflict": 1, "timeout": 1, "gone": 1}
+    assert len(proxy.seen) == 3  # each was sent once, never retried
+    # Realtime: the same verdict, straight back.
+    with pytest.raises(openai.ConflictError) as excinfo:
+        oa.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": fail_marker(409)}], max_tokens=2
+        )
+    assert excinfo.value.body == json.loads(fail_body(409))["error"]
+    assert len(proxy.seen) == 4
+
+
+def arrivals(proxy: FaultProxy, marker: str) -> list[float]:
+    return sorted(s.arrived for s in proxy.for_marker(marker))
+
+
+def test_retry_after_and_growing_backoff_measured_at_the_upstream(
+    oa: openai.OpenAI, gateway: ServerProcess, proxy: FaultProxy
+) -> None:
+    proxy.reset_stats()
+    proxy.script("honour-retry-after", ["429:2"])
+    try:
+        batch, output, _ = run_batch(oa, [smol_line("ra", "honour-retry-after: say hi")])
+    finally:
+        proxy.set_faults(Faults())
+    assert batch.status == "completed" and len(output) == 1
+    first, second = arrivals(proxy, "honour-retry-after")
+    assert second - first >= 1.9, (first, second)  # Retry-After: 2, from the upstream's clock
+    assert attempts_by_custom_id(gateway, batch.id) == {"ra": 2}
+
+    proxy.reset_stats()
+    proxy.script("keep-backing-off", ["500", "500", "500"])
+    try:
+        batch, output, _ = run_batch(oa, [smol_line("bo", "keep-backing-off: say hi")])
+    finally:
+        proxy.set_faults(Faults())
+    assert batch.status == "completed" and len(output) == 1
+    times = arrivals(proxy, "keep-backing-off")
+    assert len(times) == 4, times
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    # Exponential with up to 1 s of jitter: about 1-2 s, 2-3 s, 4-5 s. Lower bounds only, and
+    # the last gap beyond both earlier ones: the waits grow.
+    assert gaps[0] >= 0.9 and gaps[1] >= 1.9 and gaps[2] >= 3.9, gaps
+    assert gaps[2] > max(gaps[0], gaps[1]), gaps
+    assert attempts_by_custom_id(gateway, batch.id) == {"bo": 4}
+
+
+def estimate(seen: Seen, max_tokens: int) -> int:
+    """The charge batchd makes before sending (see openai_http._payload)."""
+    return math.ceil(len(seen.body) / 4) + max_tokens
+
+
+def test_tokens_per_minute_bounds_the_usage_the_upstream_reports(
+    oa: openai.OpenAI, tpm_proxy: FaultProxy
+) -> None:
+    """A batch that reports more usage than a minute's budget, kept short: each line starts
+    with the same 300 digits, one token each, so it costs the upstream little once that prefix
+    is cached (llama.cpp reuses the previous prompt's prefix) but reports about 340 tokens of
+    usage, over three times its estimate (characters / 4). The settlement with the reported
+    usage is what holds the later lines back. Measured at the proxy, with the usage the
+    upstream reported: a request goes up only when the usage already reported in the window
+    since any earlier arrival, plus its own estimate, fits the budget plus the refill."""
+    prefix = "1234567890" * 30
+    # Cache the prefix upstream through another model, outside the measurement.
+    oa.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": f"{prefix} Hi."}], max_tokens=1
+    )
+    tpm_proxy.reset_stats()
+    lines = [
+        chat_line(f"t{i}", f"{prefix} Say {i}.", model="smol-tpm", max_tokens=1) for i in range(9)
+    ]
+    batch, output, _ = run_batch(oa, lines)
+    assert batch.status == "completed" and len(output) == 9
+    seen = sorted(tpm_proxy.seen, key=lambda s: s.arrived)
+    assert len(seen) == 9 and all(s.usage_tokens for s in seen), seen
+    usage = [s.usage_tokens or 0 for s in seen]
+    estimates = [estimate(s, 1) for s in seen]
+    assert sum(estimates) < TPM < sum(usage)  # on estimates alone, all would go at once
+    rate = TPM / 60
+    tolerance = max(estimates)  # one request's estimate
+    for i, start in enumerate(seen):
+        for j in range(i + 1, len(seen)):
+            used = sum(usage[i:j]) + estimates[j]
+            allowed = TPM + (seen[j].arrived - start.arrived) * rate + tolerance
+            assert used <= allowed, (i, j, used, allowed)
+    # The bound was a real one: for the window of all nine to hold they had to spread over
+    # this many seconds, several times what the upstream takes to answer them back to back.
+    needed = (sum(usage[:-1]) + estimates[-1] - TPM - tolerance) / rate
+    assert needed > 5, needed
+
+
+def test_a_stream_that_reports_usage_settles_the_token_budget(
+    oa: openai.OpenAI, self_proxy: FaultProxy
+) -> None:
+    # 100 digits: one token each, so the estimate (characters / 4) is well below the usage the
+    # upstream reports at the end of the stream. Settled with that usage, the debt must hold
+    # the next request back; charged the estimate alone, it would go at once.
+    # Warm the upstream (the gateway's own embedded model) up, outside the measurement.
+    oa.chat.completions.create(
+        model="local", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+    )
+    self_proxy.reset_stats()
+    stream = oa.chat.completions.create(
+        model="self-tpm",
+        messages=[{"role": "user", "content": "1234567890" * 10 + " -- repeat"}],
+        max_tokens=1,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    usage = [chunk.usage for chunk in stream if chunk.usage is not None]
+    assert usage and usage[-1].prompt_tokens >= 100
+    follow = oa.chat.completions.create(
+        model="self-tpm", messages=[{"role": "user", "content": "hi"}], max_tokens=1
+    )
+    assert follow.choices
+    streamed, second = sorted(self_proxy.seen, key=lambda s: s.arrived)
+    assert streamed.usage_tokens == usage[-1].total_tokens  # the proxy saw what we saw
+    assert estimate(streamed, 1) + estimate(second, 1) < SELF_TPM  # estimates: no wait
+    # One slot, so the second is admitted after the stream settled: when the stream's usage,
+    # less what leaked since the stream was admitted, plus its own estimate fits the budget.
+    rate = SELF_TPM / 60
+    spacing = (usage[-1].total_tokens + estimate(second, 1) - SELF_TPM) / rate
+    assert spacing >= 6, spacing
+    assert second.arrived - streamed.arrived >= spacing - 0.5, (
+        second.arrived - streamed.arrived,
+        spacing,
+    )
+
+
+def test_unknown_models_are_404_model_not_found_on_every_path(oa: openai.OpenAI) -> None:
+    chat = [
+        chat_line("plain", "hi", model="no-such-model", max_tokens=2),
+        # Fields only the embedded engine refuses must not hide the missing model.
+        chat_line("penalties", "hi", model="no-such-model", max_tokens=2, presence_penalty=0.5),
+        smol_line("known", "Say hi."),
+    ]
+    embeddings = [
+        {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/embeddings",
+            "body": {"model": model, "input": "hello"},
+        }
+        for custom_id, model in (("unknown", "no-such-model"), ("known", "smol"))
+    ]
+    for lines, endpoint in ((chat, "/v1/chat/completions"), (embeddings, "/v1/embeddings")):
+        batch, output, errors = run_batch(oa, lines, endpoint=endpoint)
+        assert batch.status == "completed"
+        assert [line["custom_id"] for line in output] == ["known"]
+        assert output[0]["response"]["status_code"] == 200
+        assert errors and len(errors) == len(lines) - 1
+        for line in errors:
+            assert line["response"]["status_code"] == 404, line
+            assert line["response"]["body"]["error"]["code"] == "model_not_found", line
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        oa.chat.completions.create(
+            model="no-such-model", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    assert excinfo.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError) as excinfo:
+        oa.embeddings.create(model="no-such-model", input="hello")
+    assert excinfo.value.body["code"] == "model_not_found"
+
+
+def test_realtime_and_batch_share_the_concurrency_limit(
+    oa: openai.OpenAI, proxy: FaultProxy
+) -> None:
+    proxy.reset_stats()
+    batch = oa.batches.create(
+        input_file_id=upload(oa, [smol_line(f"b{i}", f"batch line {i}") for i in range(6)]),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    deadline = time.monotonic() + 120
+    while proxy.count() == 0:  # the batch is running upstream
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+    def realtime(i: int) -> str | None:
+        answer = oa.chat.completions.create(
+            model="smol", messages=[{"role": "user", "content": f"realtime {i}"}], max_tokens=2
+        )
+        return answer.choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(realtime, range(4)))
+    assert all(answer is not None for answer in answers)
+    batch = wait_for(oa, batch.id, timeout=240)
+    assert batch.status == "completed" and batch.request_counts.completed == 6
+    by_kind = {"batch": arrivals(proxy, "batch line"), "realtime": arrivals(proxy, "realtime")}
+    # (On a loaded machine an attempt may pass the 8 s timeout and be sent again.)
+    assert len({s.body for s in proxy.for_marker("batch line")}) == 6
+    assert len({s.body for s in proxy.for_marker("realtime")}) == 4
+    # The realtime requests went up while the batch was still sending...
+    assert by_kind["realtime"][0] < by_kind["batch"][-1]
+    # ...and the two together never had more than the limit in flight.
+    assert proxy.max_inflight == FAULTY_CONCURRENCY
+
+
+def test_a_stream_whose_client_leaves_gives_its_slot_back(
+    gateway: ServerProcess, oa: openai.OpenAI, one_proxy: FaultProxy
+) -> None:
+    one_proxy.reset_stats()
+    one_proxy.set_faults(Faults(stall_mid_stream=True, stall_seconds=240))
+    headers = {"authorization": f"Bearer {API_KEY}"}
+    body = {
+        "model": "smol-one",
+        "messages": [{"role": "user", "content": "Tell me a story."}],
+        "max_tokens": 16,
+        "stream": True,
+    }
+    try:
+        with httpx.stream(
+            "POST",
+            f"{gateway.openai_base_url}/chat/completions",
+            json=body,
+            headers=headers,
+            timeout=120,
+        ) as response:
+            assert response.status_code == 200
+            first = next(line for line in response.iter_lines() if line.startswith("data:"))
+            assert "chat.completion.chunk" in first
+            # The upstream now sends nothing for 240 s; we hang up instead of waiting.
+    finally:
+        one_proxy.set_faults(Faults())
+    # batchd closed its upstream connection when we left (the proxy saw the hang-up long
+    # before its stall ended) ...
+    [stalled] = one_proxy.seen
+    deadline = time.monotonic() + 60
+    while stalled.ended is None:
+        assert time.monotonic() < deadline, "the abandoned stream was never closed upstream"
+        time.sleep(0.1)
+    # ... and gave back the model's one slot: the next request is answered, not stuck behind it.
+    answer = oa.with_options(timeout=90).chat.completions.create(
+        model="smol-one", messages=[{"role": "user", "content": "Say hi."}], max_tokens=2
+    )
+    assert answer.choices[0].message.content is not None
+    assert len(one_proxy.seen) == 2 and one_proxy.max_inflight == 1
 
 
 def test_engines_check_probes_each_upstream(
