@@ -772,6 +772,30 @@ def test_cancel_racing_completion_answers_every_request_once(client: openai.Open
     assert with_requests > 0  # not every cancel came before validation
 
 
+def test_cancel_racing_validation_queues_all_of_the_file_or_none(client: openai.OpenAI) -> None:
+    """A cancel that lands while a big file's rows are being inserted (in chunks of 2,000)
+    must not leave the batch with some of its lines answered and the rest dropped: either
+    none of the file was queued, or every line is answered once."""
+    n = 12_000
+    lines = [chat_line(f"v{i}", "Hi", max_tokens=1) for i in range(n)]
+    file_id = upload(client, lines)
+    for step in range(10):  # from before the first chunk to after the last
+        delay = 0.15 * step
+        batch = client.batches.create(
+            input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        time.sleep(delay)
+        client.batches.cancel(batch.id)
+        done = wait_for(client, batch.id)
+        assert done.status == "cancelled", done.status
+        total = done.request_counts.total
+        assert total in (0, n), done.request_counts
+        if total:
+            answered = read_jsonl(client, done.output_file_id)
+            answered += read_jsonl(client, done.error_file_id)
+            assert sorted(r["custom_id"] for r in answered) == sorted(f"v{i}" for i in range(n))
+
+
 def test_delete_racing_a_running_anthropic_batch(claude: anthropic.Anthropic) -> None:
     params = {"model": "default", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
     requests = [{"custom_id": f"r{i}", "params": params} for i in range(8)]

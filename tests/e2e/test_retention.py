@@ -98,7 +98,10 @@ def test_expired_files_go_ended_batches_are_archived_and_a_running_batch_keeps_i
         decoy = client.files.create(file=("decoy.jsonl", b'{"custom_id": "d"}\n'), purpose="batch")
         assert decoy.expires_at == decoy.created_at + FILE_RETENTION_SECONDS
 
-        assert wait_for(client, small.id).status == "completed"
+        small_done = wait_for(client, small.id)
+        assert small_done.status == "completed"
+        output = client.files.retrieve(small_done.output_file_id)
+        assert output.expires_at == output.created_at + FILE_RETENTION_SECONDS
 
         # The decoy's going means a retention pass ran after every input above expired.
         eventually(lambda: file_gone(client, decoy.id), "the unused file expires")
@@ -117,6 +120,8 @@ def test_expired_files_go_ended_batches_are_archived_and_a_running_batch_keeps_i
         # The ended batch's input is purged; the batch is archived, its object and counts kept.
         eventually(lambda: file_gone(client, small_input), "the small batch's input expires")
         eventually(lambda: archived_at(server, small.id) is not None, "the small batch archived")
+        # Its output file expires after the same time as an input.
+        eventually(lambda: file_gone(client, output.id), "the small batch's output expires")
         assert stored_bodies(server, small.id) == 0
         kept = client.batches.retrieve(small.id)
         assert kept.status == "completed" and kept.request_counts.completed == 2, kept

@@ -13,7 +13,7 @@ import logging
 import orjson
 
 from batchd import failpoints, ids
-from batchd.blobs import BlobStore, BlobWriter
+from batchd.blobs import BlobStore, Writer
 from batchd.store.records import BatchRecord, BatchStatus, FileRecord, RequestState
 from batchd.store.store import Store, now
 
@@ -75,15 +75,22 @@ def final_status(batch: BatchRecord) -> BatchStatus:
     return BatchStatus.COMPLETED
 
 
-def finalize_batch(store: Store, blobs: BlobStore, batch_id: str) -> BatchStatus | None:
-    """Write the result files and end the batch. Returns the final status, or None if the
-    batch was not ready, another worker is finalizing it, or another finalizer committed
-    first."""
+def finalize_batch(
+    store: Store,
+    blobs: BlobStore,
+    batch_id: str,
+    file_retention_seconds: int = OUTPUT_FILE_RETENTION_SECONDS,
+) -> BatchStatus | None:
+    """Write the result files (kept ``file_retention_seconds``) and end the batch. Returns the
+    final status, or None if the batch was not ready, another worker is finalizing it, or
+    another finalizer committed first."""
     with store.finalize_lock(batch_id) as ours:
-        return _finalize(store, blobs, batch_id) if ours else None
+        return _finalize(store, blobs, batch_id, file_retention_seconds) if ours else None
 
 
-def _finalize(store: Store, blobs: BlobStore, batch_id: str) -> BatchStatus | None:
+def _finalize(
+    store: Store, blobs: BlobStore, batch_id: str, retention_seconds: int
+) -> BatchStatus | None:
     batch = store.get_batch(batch_id)
     if batch is None or batch.status.terminal or batch.counts.unfinished:
         return None
@@ -117,7 +124,8 @@ def _finalize(store: Store, blobs: BlobStore, batch_id: str) -> BatchStatus | No
             else:
                 errors.write(_not_executed_line(row.custom_id, row.state))
         files = [
-            _commit(writer, batch, kind) for writer, kind in ((output, "output"), (errors, "error"))
+            _commit(writer, batch, kind, retention_seconds)
+            for writer, kind in ((output, "output"), (errors, "error"))
         ]
     except BaseException:
         output.abort()
@@ -144,7 +152,9 @@ def _finalize(store: Store, blobs: BlobStore, batch_id: str) -> BatchStatus | No
     return target
 
 
-def _commit(writer: BlobWriter, batch: BatchRecord, kind: str) -> FileRecord | None:
+def _commit(
+    writer: Writer, batch: BatchRecord, kind: str, retention_seconds: int
+) -> FileRecord | None:
     if writer.size == 0:
         writer.abort()  # upstream: no file (null id) when there are no such lines
         return None
@@ -158,6 +168,6 @@ def _commit(writer: BlobWriter, batch: BatchRecord, kind: str) -> FileRecord | N
         purpose="batch_output",
         bytes=size,
         created_at=created,
-        expires_at=created + OUTPUT_FILE_RETENTION_SECONDS,
+        expires_at=created + retention_seconds,
         blob=blob,
     )

@@ -395,7 +395,12 @@ class Scheduler:
             if await asyncio.to_thread(self.store.has_unfinished, batch_id):
                 continue  # queued work left: not ready, and no need to count its rows
             status = await asyncio.get_running_loop().run_in_executor(
-                self._bulk, finalize_batch, self.store, self.blobs, batch_id
+                self._bulk,
+                finalize_batch,
+                self.store,
+                self.blobs,
+                batch_id,
+                self.settings.file_retention_seconds,
             )
             if status is not None:
                 metrics.BATCHES_FINALIZED.labels(status.value).inc()

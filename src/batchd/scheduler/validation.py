@@ -85,10 +85,10 @@ def validate_batch(
             chunk.append(line)
             if len(chunk) >= INSERT_CHUNK_ROWS:
                 if not store.insert_requests(batch_id, chunk, claim=(owner, claim_seconds)):
-                    return BatchStatus.VALIDATING  # our claim lapsed; its new holder redoes it
+                    return _stopped_mid_insert(store, batch_id)
                 chunk = []
         if not store.insert_requests(batch_id, chunk, claim=(owner, claim_seconds)):
-            return BatchStatus.VALIDATING
+            return _stopped_mid_insert(store, batch_id)
     model = report.models[0] if len(report.models) == 1 else ",".join(report.models[:8])
     if not store.transition(
         batch_id, [BatchStatus.VALIDATING], BatchStatus.IN_PROGRESS, claimed_by=owner, model=model
@@ -100,6 +100,19 @@ def validate_batch(
         extra={"action": "batch_validated", "batch_id": batch_id, "requests": report.request_count},
     )
     return BatchStatus.IN_PROGRESS
+
+
+def _stopped_mid_insert(store: Store, batch_id: str) -> BatchStatus:
+    """Our inserts were refused half-way. Either our claim lapsed and another worker took the
+    validation over (it deletes our rows and starts again), or the batch was cancelled: then
+    the rows inserted so far go, and it ends as one cancelled before validation did, with no
+    requests, rather than answering some of its lines and silently dropping the rest."""
+    batch = store.get_batch(batch_id)
+    if batch is None:
+        return BatchStatus.FAILED
+    if batch.status != BatchStatus.VALIDATING:
+        store.delete_requests(batch_id)
+    return batch.status
 
 
 def _queue_limit_error(
