@@ -203,7 +203,7 @@ def test_create_checks_the_envelope(services: Services) -> None:
         return excinfo.value.message
 
     assert refused({"requests": [request(f"r{i}") for i in range(4)]}).startswith(
-        "requests: the batch has 4 requests; the limit is 3."
+        "requests: the batch has 4 requests; the limit is 3 requests per batch"
     )
     assert refused({"requests": [request("a"), request("a")]}).startswith("requests.1.custom_id")
     assert refused({"requests": [request("a b")]}).startswith("requests.0.custom_id")

@@ -413,7 +413,7 @@ class Scheduler:
             try:
                 outcome = await self._run_request(item)
             except RetryLater as later:
-                self._working.pop(item.seq, None)
+                self._done_working(item)
                 metrics.LEASES_RELEASED.inc()
                 # The upstream keeps failing but the deadline allows more: give the slot back
                 # and queue the row again (leasing skips the model while its upstream is
@@ -430,7 +430,7 @@ class Scheduler:
                     },
                 )
                 return
-            self._working.pop(item.seq, None)  # done working: a lost lease now costs nothing
+            self._done_working(item)  # from here a lost lease costs nothing: the fence decides
             committed = await asyncio.to_thread(self.store.complete, item, self.owner, outcome)
             if committed:
                 metrics.REQUESTS_FINISHED.labels(item.endpoint, outcome.state.value).inc()
@@ -449,8 +449,7 @@ class Scheduler:
             # Unless a newer lease of the same row (see _fill_engine) runs in a task of its own.
             if self._inflight.get(item.seq) is asyncio.current_task():
                 del self._inflight[item.seq]
-                if self._working.get(item.seq) is item:
-                    del self._working[item.seq]
+                self._done_working(item)
                 members = self._inflight_by_batch.get(item.batch_id)
                 if members is not None:
                     members.discard(item.seq)
@@ -458,6 +457,10 @@ class Scheduler:
                         del self._inflight_by_batch[item.batch_id]
                         self._finalize_candidates.add(item.batch_id)
             self._nudge()
+
+    def _done_working(self, item: LeasedRequest) -> None:
+        if self._working.get(item.seq) is item:  # not a newer lease of the same row
+            del self._working[item.seq]
 
     async def _run_request(self, item: LeasedRequest) -> RequestOutcome:
         context = RunContext(
