@@ -106,6 +106,8 @@ requests = Table(
         "completion_tokens",
     ),
     Index("ix_requests_batch_line", "batch_id", "line_no"),
+    # Leasing: a batch's pending rows in prompt-prefix order, read as an index range.
+    Index("ix_requests_lease_order", "batch_id", "state", "prefix_key", "line_no"),
     Index("ix_requests_state_prefix", "state", "prefix_key"),
 )
 

@@ -36,14 +36,20 @@ from batchd.store.records import (
     Usage,
 )
 
+# One batch's next pending rows in prompt-prefix order: a range of the (batch_id, state,
+# prefix_key, line_no) index, however deep the queue. Leasing walks the batches with pending
+# rows in deadline order and runs this for each until the slice is full (ordering every
+# pending row of every batch by deadline in one query cost 190 ms on SQLite and 420 ms on
+# PostgreSQL per lease with 100,000 rows queued: bench/bench_queue.py).
 _LEASE_TEMPLATE = """
     UPDATE requests
        SET state = 'running', lease_owner = :owner, lease_expires_at = :expires,
            lease_epoch = lease_epoch + 1, attempts = attempts + 1
      WHERE seq IN (
            SELECT r.seq FROM requests r JOIN batches b ON b.id = r.batch_id
-            WHERE r.state = 'pending' AND b.status = 'in_progress' {skip}
-            ORDER BY b.expires_at, r.batch_id, r.prefix_key, r.line_no
+            WHERE r.batch_id = :batch_id AND r.state = 'pending'
+              AND b.status = 'in_progress' {skip}
+            ORDER BY r.prefix_key, r.line_no
             LIMIT :n {lock})
     RETURNING seq, batch_id, line_no, custom_id, body, lease_epoch, upstream_attempts
     """
@@ -419,37 +425,50 @@ class Store:
     def lease(
         self, owner: str, n: int, lease_seconds: int, skip_models: Iterable[str] = ()
     ) -> list[LeasedRequest]:
+        """Claim up to ``n`` pending rows: the earliest deadline's batch first, within a
+        batch rows sharing a prompt prefix together, in input order."""
         if n <= 0:
             return []
-        params: dict[str, Any] = {"owner": owner, "expires": now() + lease_seconds, "n": n}
+        b, r = schema.batches, schema.requests
+        with self.engine.connect() as conn:  # read apart: the claim below starts by writing
+            candidates = conn.execute(
+                select(b.c.id, b.c.endpoint, b.c.expires_at)
+                .where(
+                    b.c.status == BatchStatus.IN_PROGRESS.value,
+                    select(r.c.seq)
+                    .where(r.c.batch_id == b.c.id, r.c.state == RequestState.PENDING.value)
+                    .exists(),
+                )
+                .order_by(b.c.expires_at, b.c.id)
+            ).all()
+        if not candidates:
+            return []
+        params: dict[str, Any] = {"owner": owner, "expires": now() + lease_seconds}
         skip = sorted(set(skip_models))
         if skip:
             params["skip"] = skip
+        batches = {row.id: row for row in candidates}
+        rows: list[Any] = []
         with self.engine.begin() as conn:
-            rows = conn.execute(_LEASE_SQL[conn.dialect.name, bool(skip)], params).all()
-            if not rows:
-                return []
-            batch_ids = {r.batch_id for r in rows}
-            b = schema.batches
-            batches = {
-                row.id: row
-                for row in conn.execute(
-                    select(b.c.id, b.c.endpoint, b.c.expires_at).where(b.c.id.in_(batch_ids))
-                )
-            }
+            statement = _LEASE_SQL[conn.dialect.name, bool(skip)]
+            for batch in candidates:
+                wanted = n - len(rows)
+                if wanted <= 0:
+                    break
+                rows += conn.execute(statement, {**params, "batch_id": batch.id, "n": wanted})
         leased = [
             LeasedRequest(
-                seq=r.seq,
-                batch_id=r.batch_id,
-                line_no=r.line_no,
-                custom_id=r.custom_id,
-                body=r.body,
-                epoch=r.lease_epoch,
-                endpoint=batches[r.batch_id].endpoint,
-                expires_at=batches[r.batch_id].expires_at,
-                upstream_attempts=r.upstream_attempts,
+                seq=row.seq,
+                batch_id=row.batch_id,
+                line_no=row.line_no,
+                custom_id=row.custom_id,
+                body=row.body,
+                epoch=row.lease_epoch,
+                endpoint=batches[row.batch_id].endpoint,
+                expires_at=batches[row.batch_id].expires_at,
+                upstream_attempts=row.upstream_attempts,
             )
-            for r in rows
+            for row in rows
         ]
         # RETURNING order is unspecified; keep the scheduling order.
         leased.sort(key=lambda item: (item.batch_id, item.line_no))
