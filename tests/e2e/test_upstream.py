@@ -56,18 +56,25 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-@pytest.fixture(scope="module")
-def proxy(upstream: str) -> Iterator[FaultProxy]:
-    p = FaultProxy(upstream).start()
-    yield p
-    p.stop()
+def proxy_fixture(name: str) -> Any:
+    """A module-scoped fault proxy in front of the shared upstream: one per test that counts
+    what its upstream sees, so no test reads another's traffic."""
+
+    @pytest.fixture(scope="module", name=name)
+    def running_proxy(upstream: str) -> Iterator[FaultProxy]:
+        p = FaultProxy(upstream).start()
+        try:
+            yield p
+        finally:
+            p.stop()
+
+    return running_proxy
 
 
-@pytest.fixture(scope="module")
-def limited_proxy(upstream: str) -> Iterator[FaultProxy]:
-    p = FaultProxy(upstream).start()
-    yield p
-    p.stop()
+proxy = proxy_fixture("proxy")
+limited_proxy = proxy_fixture("limited_proxy")
+tpm_proxy = proxy_fixture("tpm_proxy")
+one_proxy = proxy_fixture("one_proxy")
 
 
 @pytest.fixture(scope="module")
@@ -76,20 +83,6 @@ def pool(upstream: str) -> Iterator[tuple[FaultProxy, FaultProxy]]:
     yield first, second
     first.stop()
     second.stop()
-
-
-@pytest.fixture(scope="module")
-def tpm_proxy(upstream: str) -> Iterator[FaultProxy]:
-    p = FaultProxy(upstream).start()
-    yield p
-    p.stop()
-
-
-@pytest.fixture(scope="module")
-def one_proxy(upstream: str) -> Iterator[FaultProxy]:
-    p = FaultProxy(upstream).start()
-    yield p
-    p.stop()
 
 
 @pytest.fixture(scope="module")
