@@ -3,6 +3,7 @@ and bringing it to the newest schema with the same Alembic migrations on both.""
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,10 @@ class DatabaseUrlError(BatchdError):
     """A --database-url we cannot use (named in the message, password hidden)."""
 
 
+# How every SQLite connection is opened, the pool's and the pollers' own (polling.py).
+SQLITE_CONNECT_ARGS: dict[str, Any] = {"check_same_thread": False, "timeout": 30}
+
+
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # WAL lets pollers read while the scheduler writes; synchronous=FULL makes an acknowledged
@@ -37,12 +42,20 @@ def open_sqlite(path: Path) -> Engine:
     path.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         f"sqlite+pysqlite:///{path}",
-        connect_args={"check_same_thread": False, "timeout": 30},
+        connect_args=SQLITE_CONNECT_ARGS,
         pool_size=8,
         max_overflow=8,
     )
     event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def connect_sqlite(path: str) -> sqlite3.Connection:
+    """A DBAPI connection to the SQLite file ``path`` outside any pool, set up exactly like
+    the pool's."""
+    dbapi = sqlite3.connect(path, **SQLITE_CONNECT_ARGS)
+    _sqlite_pragmas(dbapi, None)
+    return dbapi
 
 
 def open_url(url: str, *, pool_size: int = 10, max_overflow: int = 10) -> Engine:

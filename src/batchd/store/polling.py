@@ -1,5 +1,5 @@
 """The polling reads of ``Store.get_batch`` and ``Store.list_batches``: their statements, built
-and compiled once per dialect, run on the DBAPI cursor of the pooled connection.
+and compiled once per dialect, run on a DBAPI cursor (see ``ReadConnections`` for whose).
 
 These two reads are what every poll costs the database layer. Profiled on the 2-core test
 machine, one retrieve's row cost ~95 us through ``Connection.execute`` (statement cache key,
@@ -13,18 +13,20 @@ ones Core would return.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import operator
+import threading
 from collections import namedtuple
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from sqlalchemy import Connection, Dialect, bindparam, select
+from sqlalchemy import Dialect, Engine, bindparam, select
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.compiler import Compiled
 
-from batchd.store import schema
+from batchd.store import database, schema
 
 T = TypeVar("T")
 
@@ -59,11 +61,14 @@ def _compiled(statement: Select[Any], dialect: Dialect) -> Compiled:
     return statement.compile(dialect=dialect)
 
 
-def fetch(conn: Connection, statement: Select[Any], params: dict[str, Any]) -> list[Any]:
-    """All rows of ``statement`` with ``params``, as the DBAPI returns them (tuples)."""
-    compiled = _compiled(statement, conn.dialect)
+def fetch(
+    dbapi: Any, dialect: Dialect, statement: Select[Any], params: dict[str, Any]
+) -> list[Any]:
+    """All rows of ``statement`` with ``params`` on the DBAPI connection ``dbapi``, as the
+    DBAPI returns them (tuples)."""
+    compiled = _compiled(statement, dialect)
     values = compiled.construct_params(params)  # with the literals Core added (SQLite's OFFSET)
-    cursor = conn.connection.cursor()
+    cursor = dbapi.cursor()
     try:
         if compiled.positiontup is not None:
             cursor.execute(compiled.string, tuple(values[name] for name in compiled.positiontup))
@@ -74,9 +79,51 @@ def fetch(conn: Connection, statement: Select[Any], params: dict[str, Any]) -> l
         cursor.close()
 
 
-def batch_rows(conn: Connection, statement: Select[Any], params: dict[str, Any]) -> list[Any]:
+def batch_rows(
+    dbapi: Any, dialect: Dialect, statement: Select[Any], params: dict[str, Any]
+) -> list[Any]:
     """``fetch`` for statements selecting whole batches rows: named tuples (``row.status``)."""
-    return [BatchRow._make(row) for row in fetch(conn, statement, params)]
+    return [BatchRow._make(row) for row in fetch(dbapi, dialect, statement, params)]
+
+
+class ReadConnections:
+    """The DBAPI connections the polling reads run on.
+
+    PostgreSQL: a connection checked out of the engine's pool for each read (and pinged
+    first, as the pool does for every checkout), since the server is across a network and
+    may have restarted.
+
+    SQLite: each thread's own connection to the local file, opened once beside the pool and
+    kept. Checking a connection out of SQLAlchemy's pool and back in (the ``Connection``
+    object, the checkout events, the rollback on return) cost more CPU than the read itself,
+    and a poll pays it 200 times a second under load (measured: about a quarter of a
+    retrieve's CPU). The connection is opened with the engine's own arguments and the same
+    ``connect`` listeners as the pool's (WAL, busy timeout), and only ever runs SELECTs: in
+    the sqlite3 module's default mode a SELECT opens no transaction that outlives it, so
+    every read sees the latest commit and holds no snapshot that would stop a checkpoint.
+    Only the threads that poll (the event loop's, on SQLite) ever open one."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect
+        self._pinned = engine.dialect.name == "sqlite"
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def connection(self, *, poller: bool) -> Iterator[Any]:
+        """A DBAPI connection for one read. ``poller``: a client's poll (on SQLite these run
+        on the event loop's thread, inline); other reads (the scheduler's, from its thread
+        pool) always take a pooled connection, so no pool thread pins one of its own."""
+        if not (self._pinned and poller):
+            with self.engine.connect() as conn:
+                yield conn.connection
+            return
+        dbapi = getattr(self._local, "dbapi", None)
+        if dbapi is None:
+            dbapi = self._local.dbapi = database.connect_sqlite(self.engine.url.database or "")
+        yield dbapi
+        if dbapi.in_transaction:  # never, with SELECTs only; a guard, not a code path
+            dbapi.rollback()
 
 
 @functools.cache

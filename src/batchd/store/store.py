@@ -111,6 +111,7 @@ def now() -> int:
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._reads = polling.ReadConnections(engine)
         self._ended_stats = _EndedStats()
         self._recent_stats = _RecentStats()
 
@@ -187,16 +188,18 @@ class Store:
         """The batch with its request counts and usage. ``stats_max_age``: how many seconds
         old the counts of a running batch may be (pollers' reads; 0, the default, counts now:
         the scheduler decides on these)."""
-        with self.engine.connect() as conn:
+        poller = stats_max_age > 0
+        dialect = self.engine.dialect
+        with self._reads.connection(poller=poller) as dbapi:
             if tenant is None:
-                rows = polling.batch_rows(conn, polling.BATCH_BY_ID, {"id": batch_id})
+                rows = polling.batch_rows(dbapi, dialect, polling.BATCH_BY_ID, {"id": batch_id})
             else:
                 params = {"id": batch_id, "tenant": tenant}
-                rows = polling.batch_rows(conn, polling.TENANT_BATCH_BY_ID, params)
-            if not rows:
-                return None
-            record = _batch_record(rows[0])
-            self._attach_stats(conn, [record], stats_max_age)
+                rows = polling.batch_rows(dbapi, dialect, polling.TENANT_BATCH_BY_ID, params)
+        if not rows:
+            return None
+        record = _batch_record(rows[0])
+        self._attach_stats([record], stats_max_age)
         return record
 
     def list_batches(
@@ -213,23 +216,27 @@ class Store:
         than it (still newest first), with ``has_more`` meaning more newer ones exist.
         ``stats_max_age`` as in get_batch."""
         params: dict[str, Any] = {"tenant": tenant, "surface": surface, "n": limit + 1}
-        with self.engine.connect() as conn:
+        dialect = self.engine.dialect
+        with self._reads.connection(poller=stats_max_age > 0) as dbapi:
             if after or before:
                 found = polling.fetch(
-                    conn, polling.TENANT_BATCH_SEQ, {"id": after or before, "tenant": tenant}
+                    dbapi,
+                    dialect,
+                    polling.TENANT_BATCH_SEQ,
+                    {"id": after or before, "tenant": tenant},
                 )
                 if not found:
                     return [], False
                 params["cursor"] = found[0][0]
             if before and not after:
-                rows = polling.batch_rows(conn, polling.PAGE_NEWER, params)
+                rows = polling.batch_rows(dbapi, dialect, polling.PAGE_NEWER, params)
                 page = list(reversed(rows[:limit]))
             else:
                 statement = polling.PAGE_OLDER if after else polling.PAGE
-                rows = polling.batch_rows(conn, statement, params)
+                rows = polling.batch_rows(dbapi, dialect, statement, params)
                 page = rows[:limit]
-            records = [_batch_record(r) for r in page]
-            self._attach_stats(conn, records, stats_max_age)
+        records = [_batch_record(r) for r in page]
+        self._attach_stats(records, stats_max_age)
         return records, len(rows) > limit
 
     def delete_batch(self, batch_id: str, tenant: str) -> bool:
@@ -839,11 +846,11 @@ class Store:
             setattr(counts, row.state, row.n)
         return counts
 
-    def _attach_stats(self, conn: Any, records: list[BatchRecord], max_age: float = 0.0) -> None:
+    def _attach_stats(self, records: list[BatchRecord], max_age: float = 0.0) -> None:
         """Fill in each record's request counts and token usage: from the cache for ended
         batches; for running ones, from a count at most ``max_age`` seconds old taken while
         the batch had the same status; and for the rest from one grouped query over all of
-        them (a page of 20 batches is one query, not 40)."""
+        them (a page of 20 batches is one query, not 40), on a pooled connection."""
         missing: dict[str, BatchRecord] = {}
         for record in records:
             cached = self._ended_stats.get(record.id)
@@ -857,7 +864,9 @@ class Store:
             return
         for record in missing.values():
             record.counts, record.usage = RequestCounts(), Usage()
-        for row in conn.execute(_STATS_OF_BATCHES, {"batch_ids": list(missing)}):
+        with self.engine.connect() as conn:
+            rows = conn.execute(_STATS_OF_BATCHES, {"batch_ids": list(missing)}).all()
+        for row in rows:
             record = missing[row.batch_id]
             setattr(record.counts, row.state, row.n)
             if row.state == RequestState.SUCCEEDED.value:
