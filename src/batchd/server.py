@@ -16,7 +16,7 @@ import prometheus_client
 import uvicorn
 
 from batchd import retention
-from batchd.api.app import create_app
+from batchd.api.app import asgi_app
 from batchd.blobs import BlobStore, DirectoryBlobStore
 from batchd.config import Settings
 from batchd.engines.factory import build_engine
@@ -170,7 +170,7 @@ def serve(settings: Settings, role: Role = "all", *, drain: bool = False) -> Non
             "Set BATCHD_API_KEYS (comma-separated) or --keys-file before exposing this server."
         )
     services = build_services(settings, role)
-    app = create_app(services)
+    app = asgi_app(services)
     try:
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
     finally:

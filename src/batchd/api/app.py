@@ -73,8 +73,7 @@ def create_app(services: Services) -> FastAPI:
     app.state.keyring = keyring
     app.state.ready = False
     errors.install(app)
-    # Innermost first: the polling fast path needs the tenant that authentication found.
-    app.add_middleware(PollingFastPath, services=services)
+    # Innermost first. The polling routes are answered ahead of all this: see asgi_app.
     app.add_middleware(AuthMiddleware, keyring=keyring)
     app.add_middleware(RequestIdMiddleware)  # a refused request gets an id too
     app.add_middleware(HttpMetricsMiddleware)  # outermost: refusals are timed as well
@@ -91,3 +90,8 @@ def create_app(services: Services) -> FastAPI:
     app.include_router(anthropic_batches.router)
     app.include_router(anthropic_messages.router)
     return app
+
+
+def asgi_app(services: Services) -> PollingFastPath:
+    """What the server serves: the app behind the polling fast path (api/polling.py)."""
+    return PollingFastPath(create_app(services))

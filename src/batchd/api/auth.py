@@ -28,19 +28,19 @@ from batchd.errors import Unauthorized
 OPEN_PATHS = frozenset({"/healthz"})  # no tenant data, no figures
 
 
-def _presented_key(request: Request) -> str | None:
-    header = request.headers.get("authorization")
+def presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The key a request presents, from its ``Authorization`` and ``x-api-key`` headers (the
+    first of each); Unauthorized when they carry different keys."""
     bearer = None
-    if header and header[:7].lower() == "bearer ":
-        bearer = header[7:].strip()
-    api_key = request.headers.get("x-api-key")
-    if bearer and api_key and not hmac.compare_digest(bearer.encode(), api_key.encode()):
+    if authorization and authorization[:7].lower() == "bearer ":
+        bearer = authorization[7:].strip()
+    if bearer and x_api_key and not hmac.compare_digest(bearer.encode(), x_api_key.encode()):
         raise Unauthorized("Authorization and x-api-key carry different keys.")
-    return bearer or api_key
+    return bearer or x_api_key
 
 
-def tenant_of_request(request: Request, keyring: KeyRing) -> str:
-    presented = _presented_key(request)
+def tenant_of_key(presented: str | None, keyring: KeyRing) -> str:
+    """The tenant of a presented key; Unauthorized when there is none or it is unknown."""
     if not keyring.enabled:
         return PUBLIC_TENANT
     if not presented:
@@ -52,6 +52,12 @@ def tenant_of_request(request: Request, keyring: KeyRing) -> str:
     if tenant is None:
         raise Unauthorized("Incorrect API key provided.")
     return tenant
+
+
+def tenant_of_request(request: Request, keyring: KeyRing) -> str:
+    headers = request.headers
+    presented = presented_key(headers.get("authorization"), headers.get("x-api-key"))
+    return tenant_of_key(presented, keyring)
 
 
 class AuthMiddleware:

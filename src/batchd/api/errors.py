@@ -47,11 +47,15 @@ def error_response(
 ) -> JSONResponse:
     body: dict[str, Any]
     if is_anthropic(request):
+        # The body's request_id is the response's x-request-id (RequestIdMiddleware keeps a
+        # header that is already there), as on Anthropic's API: one id to quote, not two.
+        request_id = ids.request_id()
         body = {
             "type": "error",
             "error": {"type": anthropic_type, "message": message},
-            "request_id": ids.request_id(),
+            "request_id": request_id,
         }
+        headers = {**(headers or {}), "x-request-id": request_id}
     else:
         body = {"error": {"message": message, "type": openai_type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)

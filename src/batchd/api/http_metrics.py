@@ -16,13 +16,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import metrics
 
+# (method, route, status) -> the histogram's child: ``labels()`` validates and locks on every
+# call. Bounded like the series themselves: methods, route templates, statuses.
+_children: dict[tuple[str, str, int], Any] = {}
+
+
+def observe(method: str, route: str, status: int, seconds: float) -> None:
+    """One request served: ``route`` is the matched route's template, or ``unmatched``."""
+    key = (method, route, status)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metrics.HTTP_SECONDS.labels(method, route, str(status))
+    child.observe(seconds)
+
 
 class HttpMetricsMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        # (method, route, status) -> the histogram's child: ``labels()`` validates and locks on
-        # every call. Bounded like the series themselves: methods, route templates, statuses.
-        self._children: dict[tuple[str, str, int], Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,12 +50,7 @@ class HttpMetricsMiddleware:
             await self.app(scope, receive, send_and_note)
         finally:
             route = getattr(scope.get("route"), "path", None) or "unmatched"
-            key = (scope["method"], route, status[0])
-            child = self._children.get(key)
-            if child is None:
-                child = metrics.HTTP_SECONDS.labels(key[0], route, str(key[2]))
-                self._children[key] = child
-            child.observe(time.perf_counter() - started)
+            observe(scope["method"], route, status[0], time.perf_counter() - started)
 
 
 def metrics_endpoint(request: Request) -> Response:
