@@ -86,6 +86,11 @@ UPSTREAM_RETRIES = Counter(
 
 # --------------------------------------------------------------------------------- the API
 
+LOOP_PACED_SECONDS = Counter(
+    "batchd_loop_paced_seconds",
+    "Seconds the event loop slept to moderate its wake-ups while the embedded engine decoded"
+    " batch work (loop_pacing.py; BATCHD_LOOP_PACING_MS).",
+)
 HTTP_SECONDS = Histogram(
     "batchd_http_request_duration_seconds",
     "HTTP requests served, by method, route template and status code.",

@@ -12,6 +12,7 @@ from batchd.blobs import BlobStore
 from batchd.config import Settings
 from batchd.engines.base import Engine
 from batchd.errors import Conflict, InvalidRequest, LimitExceeded, NotFound
+from batchd.loop_pacing import REALTIME_HOLD_SECONDS, LoopPacer
 from batchd.protocol import openai as oa
 from batchd.scheduler.runner import Scheduler
 from batchd.store.records import BatchRecord, BatchStatus, FileRecord
@@ -25,6 +26,9 @@ class Services:
     blobs: BlobStore
     engine: Engine
     scheduler: Scheduler | None  # None in an API-only process (`batchd api`)
+    # Moderates the loop's wake-ups while the embedded engine decodes batch work; set by the
+    # app's lifespan where that applies (loop_pacing.py).
+    pacer: LoopPacer | None = None
 
 
 def install_metrics(services: Services) -> None:
@@ -36,6 +40,13 @@ def install_metrics(services: Services) -> None:
         batch_statuses=services.store.batch_status_counts,
         leases_held=scheduler.leases_held if scheduler is not None else None,
     )
+
+
+def note_realtime(services: Services) -> None:
+    """A realtime request arrived: the loop serves everything at once for a while, whichever
+    engine answers it (the embedded one also tells the pacer itself)."""
+    if services.pacer is not None:
+        services.pacer.hold(REALTIME_HOLD_SECONDS)
 
 
 def wake_scheduler(services: Services) -> None:

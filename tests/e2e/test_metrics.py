@@ -177,3 +177,21 @@ def test_metrics_are_open_on_a_loopback_server_without_keys(
         assert ("batchd_queue_requests", (("state", "pending"),)) in samples
         # As open as every other route there, no more.
         assert httpx.get(f"{srv.url}/v1/batches", timeout=30).status_code == 200
+
+
+def test_the_loop_is_paced_while_the_engine_decodes_batch_work(
+    server: ServerProcess, client: openai.OpenAI
+) -> None:
+    """loop_pacing.py: while the embedded engine decodes a batch, the event loop moderates its
+    wake-ups, and says how long it slept; polls are still answered meanwhile."""
+    name = "batchd_loop_paced_seconds_total"
+    before = value(scrape(server.url), name)
+    lines = [chat_line(f"p{i}", f"Count to {i + 5}.", max_tokens=24) for i in range(8)]
+    batch = client.batches.create(
+        input_file_id=upload(client, lines),
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    done = wait_for(client, batch.id)  # polls every few tenths of a second: all answered
+    assert done.status == "completed", done
+    assert value(scrape(server.url), name) > before

@@ -21,6 +21,7 @@ from batchd.engines.base import Priority, StreamDelta
 from batchd.errors import BatchdError
 from batchd.protocol import anthropic as am
 from batchd.scheduler.execute import resolve
+from batchd.service import note_realtime
 
 router = APIRouter()
 
@@ -119,6 +120,7 @@ async def _events(
 
 @router.post("/v1/messages", openapi_extra=openapi_bodies.CREATE_MESSAGE)
 async def create_message(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
+    note_realtime(services)
     body = await read_json(request, MAX_MESSAGES_BODY_BYTES)
     params = am.parse_params(body, in_batch=False)
     engine = services.engine

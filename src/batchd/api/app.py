@@ -26,9 +26,21 @@ from batchd.api.keyring import KeyRing
 from batchd.api.polling import PollingFastPath
 from batchd.api.request_id import RequestIdMiddleware
 from batchd.api.responses import JSONResponse
+from batchd.engines.base import LocalComputeEngine
+from batchd.loop_pacing import LoopPacer
 from batchd.service import Services, install_metrics
 
 log = logging.getLogger(__name__)
+
+
+def _pacer(services: Services) -> LoopPacer | None:
+    """The loop's wake-up moderation (loop_pacing.py), where this process runs an engine on
+    its own CPUs: never in an API-only process, nor for engines upstream."""
+    engine = services.engine
+    interval = services.settings.loop_pacing_ms / 1000
+    if services.scheduler is None or interval <= 0 or not isinstance(engine, LocalComputeEngine):
+        return None
+    return LoopPacer(engine.decoding_batch_only, interval)
 
 
 def create_app(services: Services) -> FastAPI:
@@ -52,11 +64,17 @@ def create_app(services: Services) -> FastAPI:
             background.append(
                 asyncio.create_task(retention.run_forever(services.store, services.blobs, settings))
             )
+        pacer = _pacer(services)
+        if pacer is not None:
+            pacer.start()
+            services.pacer = pacer
         app.state.ready = True
         try:
             yield
         finally:
             app.state.ready = False
+            if pacer is not None:
+                pacer.stop()
             if scheduler is not None:
                 await scheduler.stop(settings.shutdown_grace_seconds)
             for task in background:

@@ -33,6 +33,7 @@ from batchd.engines.base import (
 from batchd.errors import InvalidRequest, ModelNotFound
 from batchd.protocol import openai as oa
 from batchd.scheduler.execute import resolve
+from batchd.service import note_realtime
 
 router = APIRouter()
 
@@ -121,11 +122,13 @@ async def _handle(request: Request, endpoint: str, engine: Engine) -> Any:
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_bodies.CHAT_COMPLETION)
 async def chat_completions(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
+    note_realtime(services)
     return await _handle(request, "/v1/chat/completions", services.engine)
 
 
 @router.post("/v1/completions", openapi_extra=openapi_bodies.COMPLETION)
 async def completions(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
+    note_realtime(services)
     return await _handle(request, "/v1/completions", services.engine)
 
 
@@ -148,6 +151,7 @@ _EMBEDDINGS_BODY = openapi_bodies.json_body(
 
 @router.post("/v1/embeddings", openapi_extra=_EMBEDDINGS_BODY)
 async def embeddings(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
+    note_realtime(services)
     return await _handle(request, oa.EMBEDDINGS_ENDPOINT, services.engine)
 
 

@@ -167,6 +167,17 @@ class PassthroughEngine(Protocol):
     async def forward_stream(self, request: ForwardRequest) -> ForwardStream: ...
 
 
+@runtime_checkable
+class LocalComputeEngine(Protocol):
+    """An engine that computes on this machine's CPUs, beside the API (the embedded one)."""
+
+    def decoding_batch_only(self) -> bool:
+        """Whether it is decoding batch work with no realtime request running, waiting or
+        recent: the API may then moderate its wake-ups (loop_pacing.py). Called from the
+        event loop on every iteration, so it must be cheap and must not block."""
+        ...
+
+
 def passthrough_engine(engine: Engine, model: str) -> PassthroughEngine | None:
     """The engine to pass ``model``'s bodies through, or None if it runs them in-process."""
     if isinstance(engine, PassthroughEngine) and engine.passthrough(model):

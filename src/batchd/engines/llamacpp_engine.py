@@ -319,6 +319,17 @@ class _ModelRunner:
         )
         return chain
 
+    def decoding_batch_only(self) -> bool:
+        """Batch sequences in the step and no realtime one running, waiting or recent. Read
+        from the event loop while this thread steps: each read is atomic under the GIL, and
+        a stale answer lasts one loop iteration."""
+        if not self.active or self.waiting_realtime or self.realtime_recent():
+            return False
+        return not any(seq.realtime for seq in self.active)
+
+    def realtime_recent(self) -> bool:
+        return time.monotonic() - self.last_realtime < REALTIME_GRACE_SECONDS
+
     # ------------------------------------------------------------- steps
 
     def _run(self) -> None:
@@ -670,10 +681,20 @@ class LlamaCppEngine:
     def capacity(self) -> int:
         return 2 * self.options.max_seqs * max(1, len(self.specs))
 
+    def decoding_batch_only(self) -> bool:
+        runners = list(self.runners.values())
+        if any(runner.realtime_recent() for runner in runners):
+            return False  # realtime work on one model: no pacing for any
+        return any(runner.decoding_batch_only() for runner in runners)
+
     def _runner(self, request: GenerationRequest) -> _ModelRunner:
         runner = self.runners.get(self.names.get(request.model, ""))
         if runner is None:
             raise ModelNotFound(request.model)
+        if request.priority == Priority.REALTIME:
+            # Marked on arrival, not when the engine thread drains its inbox (up to a step
+            # later): the loop stops pacing before the request even reaches the engine.
+            runner.last_realtime = time.monotonic()
         return runner
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:

@@ -13,6 +13,7 @@ from batchd.engines.base import (
     ForwardStream,
     GenerationRequest,
     GenerationResult,
+    LocalComputeEngine,
     ModelInfo,
     StreamDelta,
     passthrough_engine,
@@ -55,6 +56,10 @@ class RouterEngine:
 
     def capacity(self) -> int:
         return sum(engine.capacity() for engine in self.engines)
+
+    def decoding_batch_only(self) -> bool:
+        local = [e for e in self.engines if isinstance(e, LocalComputeEngine)]
+        return any(e.decoding_batch_only() for e in local)
 
     def unavailable_models(self) -> list[str]:
         """Every name (ids and aliases) of models whose engine should get no more batch rows
