@@ -60,7 +60,7 @@ class Settings(BaseSettings):
     engine: Literal["llamacpp", "fake"] = "llamacpp"  # "fake" is for scheduler tests only
     # While the embedded engine decodes batch work (no realtime request running or recent),
     # the event loop wakes at most this often, serving what arrived meanwhile in one go: the
-    # API's wake-ups then cost the batch 1-2% instead of 11-21% under 200 pollers on 2 cores,
+    # API's wake-ups then cost the batch 2-8% instead of 11-20% under 200 pollers on 2 cores,
     # and a poll takes ~30 ms instead of ~1 ms (loop_pacing.py). 0: answer everything at once.
     loop_pacing_ms: float = Field(default=20.0, ge=0, le=1000)
     fake_step_seconds: float = 0.01  # the fake engine's time per token (0: instant)

@@ -5,9 +5,9 @@ a barrier after every operation of every step: whichever thread the kernel preem
 the others up. An API that wakes for each poll as it arrives (200 clients polling once a
 second: 200 wake-ups a second, each on caches the engine has just flushed) costs the batch
 far more than its CPU. Measured on the 2-core test machine (bench/load.py): with every poll
-answered at once, the batch lost 11-21% of its throughput to 200 pollers; with the loop
-waking at most every 20 ms it lost 1-2%, polls took ~30 ms instead of ~1 ms, and a batch
-with no pollers ran as fast as unpaced (210 vs 207 tok/s side by side).
+answered at once, the batch lost 11-20% of its throughput to 200 pollers; with the loop
+waking at most every 20 ms it lost 2-8%, polls took ~30 ms instead of ~1 ms, and a batch
+with no pollers ran as fast as unpaced (bench/bench_pacing.py: 267 vs 247 tok/s).
 
 So while the engine is decoding batch work, and no realtime request is running or recent,
 the loop sleeps between iterations (the GIL released) until ``interval`` has passed since the
