@@ -7,7 +7,7 @@ with 0, started in turn for --rounds rounds (the order alternates by round, so t
 the machine favours neither). In each: --batches batches of --n chat requests, each timed from
 create to the poll that sees it completed (the submitter polls every 50 ms, as in load.py);
 then --realtime streamed chat requests sent one after another while a batch runs, TTFT and
-total time of each.
+total time of each; then one upload of a 50,000-line file (~53 MB) while a batch runs.
 
 Run: .venv/bin/python bench/bench_pacing.py [--rounds 3] [--n 64] [--batches 2]
 """
@@ -15,6 +15,7 @@ Run: .venv/bin/python bench/bench_pacing.py [--rounds 3] [--n 64] [--batches 2]
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import threading
 import time
@@ -50,6 +51,30 @@ def realtime_beside_a_batch(
     return ttft, total
 
 
+def upload_beside_a_batch(
+    client: openai.OpenAI, background: list[dict[str, Any]], data: bytes
+) -> float:
+    """Seconds to upload ``data`` (POST /v1/files) while ``background`` runs."""
+    worker = threading.Thread(target=run_batch, args=(client, background, None, []))
+    worker.start()
+    time.sleep(3)
+    start = time.perf_counter()
+    client.files.create(file=("big.jsonl", data), purpose="batch")
+    seconds = time.perf_counter() - start
+    worker.join()
+    return seconds
+
+
+def big_file(lines: int) -> bytes:
+    body = {"model": "default", "messages": [{"role": "user", "content": "a" * 900}]}
+    return "\n".join(
+        json.dumps(
+            {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        )
+        for i in range(lines)
+    ).encode()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -68,6 +93,8 @@ def main() -> None:
     rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
     ttfts: dict[str, list[float]] = {arm: [] for arm in ARMS}
     totals: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    uploads: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    data = big_file(50_000)
     for round_no in range(1, args.rounds + 1):
         order = list(ARMS) if round_no % 2 else list(reversed(ARMS))
         for arm in order:
@@ -80,6 +107,7 @@ def main() -> None:
                 ttft, total = realtime_beside_a_batch(client, background, args.realtime, 32)
                 ttfts[arm].extend(ttft)
                 totals[arm].extend(total)
+                uploads[arm].append(upload_beside_a_batch(client, background, data))
             print(
                 f"   round {round_no} {arm}: batch alone"
                 f" {statistics.mean(rates[arm][-args.batches :]):.0f} tok/s",
@@ -93,13 +121,14 @@ def main() -> None:
     report = [
         f"loop pacing on and off, nothing polling: {args.rounds} rounds, {args.batches} batches of"
         f" {args.n} chat requests x {args.max_tokens} tokens per arm and round; {args.realtime}"
-        " streamed requests (max_tokens 32) per round beside a batch of 256 x 64",
+        " streamed requests (max_tokens 32) and one upload per round beside a batch of 256 x 64",
     ]
     for arm in ARMS:
         report.append(
             f"   {arm:14} batch alone {statistics.mean(rates[arm]):.0f} tok/s; realtime beside a"
             f" batch: TTFT p50 {ms(ttfts[arm], 50)} p95 {ms(ttfts[arm], 95)}, total p50"
-            f" {ms(totals[arm], 50)} p95 {ms(totals[arm], 95)}"
+            f" {ms(totals[arm], 50)} p95 {ms(totals[arm], 95)}; upload of"
+            f" {len(data) / 1e6:.0f} MB beside a batch {statistics.mean(uploads[arm]):.2f} s"
         )
     report.append(
         f"   ratio paced/unpaced: batch alone"

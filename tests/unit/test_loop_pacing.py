@@ -65,3 +65,16 @@ def test_zero_interval_never_starts() -> None:
     pacer = LoopPacer(lambda: True, interval=0)
     assert asyncio.run(_iterations(pacer, 0.2)) > 100
     assert pacer.paced_seconds == 0
+
+
+def test_no_pacing_while_a_request_other_than_a_poll_is_in_flight() -> None:
+    pacer = LoopPacer(lambda: True, interval=0.05)
+
+    async def upload_in_flight() -> int:
+        with pacer.unpaced():
+            return await _iterations(pacer, 0.5)
+
+    assert asyncio.run(upload_in_flight()) > 300
+    assert pacer.paced_seconds == 0
+    # Once it ends, pacing resumes.
+    assert asyncio.run(_iterations(pacer, 0.5)) <= 30

@@ -14,6 +14,9 @@ histogram under the route's template. So the handler code, the store read and th
 are the same ones; only the dispatch is shorter: Starlette's error and exception layers,
 FastAPI's routing and dependency solving, and four middleware layers, each wrapping ``send``.
 
+While a batch decodes on the embedded engine, polls are what loop pacing moderates
+(loop_pacing.py); every request that takes the full path runs with the loop unpaced.
+
 Anything else goes down the full path: another method or path, a query FastAPI would validate
 or reject (a ``limit`` that is not a plain in-range number, a repeated or unknown parameter),
 a request the key check refuses (the full path renders the 401 in the surface's shape), and
@@ -181,7 +184,14 @@ class PollingFastPath:
                 route, status = served
                 http_metrics.observe("GET", route, status, time.perf_counter() - started)
                 return
-        await self.app(scope, receive, send)
+        pacer = self.services.pacer
+        if pacer is None or scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        # Not a poll: the loop must not moderate its wake-ups while this is in flight (an
+        # upload or a download would get one read or write per interval; loop_pacing.py).
+        with pacer.unpaced():
+            await self.app(scope, receive, send)
 
     async def _serve(self, scope: Scope, send: Send) -> tuple[str, int] | None:
         """(route template, status) once the response is sent; None to take the full path."""
