@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import json
@@ -153,6 +154,42 @@ def append_record(command: str, report: list[str], title: str = "") -> None:
             + "\n".join(report)
             + "\n```\n"
         )
+
+
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: its docstring as the help, and ``--no-record``."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    return parser
+
+
+def command_line(script: str, args: argparse.Namespace, **shown: str) -> str:
+    """The command that ran, rebuilt from the parsed flags (so a record can never quote a
+    flag the script does not have). ``shown``: a flag's text in place of its value (a temp
+    path, say); flags left at None or False are omitted."""
+    words = [f"python bench/{script}"]
+    for name, value in vars(args).items():
+        if name == "no_record" or value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name in shown:
+            words.append(f"{flag} {shown[name]}")
+        elif value is True:
+            words.append(flag)
+        else:
+            words.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(words)
+
+
+def report_and_record(
+    report: list[str], args: argparse.Namespace, script: str, title: str = "", **shown: str
+) -> None:
+    """Print a benchmark's report and, unless ``--no-record``, append it to RESULTS.md."""
+    print("\n".join(report), flush=True)
+    if not args.no_record:
+        append_record(command_line(script, args, **shown), report, title)
 
 
 def percentile(values: list[float], q: float) -> float:

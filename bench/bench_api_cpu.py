@@ -28,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from _harness import append_record, machine, server
+from _harness import bench_parser, machine, report_and_record, server
 from bench_poll_cost import hammer
 from load import PollingLoad
 
@@ -158,7 +158,7 @@ def _line(figures: dict[str, tuple[float, float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=20, help="concurrent keep-alive clients")
     parser.add_argument("--requests", type=int, default=3000, help="GETs per kind per round")
     parser.add_argument("--batches", type=int, default=5, help="ended batches per surface")
@@ -170,7 +170,6 @@ def main() -> None:
         "--paced-seconds", type=float, default=10, help="how long they poll (0: not at all)"
     )
     parser.add_argument("--baseline", type=Path, help="a src/ directory to compare against")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
 
     print(f"machine: {machine()}", flush=True)
@@ -201,15 +200,13 @@ def main() -> None:
             "   ratio baseline/this tree: "
             + ", ".join(f"{k} {base[k][0] / new[k][0]:.1f}x" for k in new if k != "idle")
         )
-    print("\n".join(report), flush=True)
-    if not args.no_record:
-        command = (
-            f"python bench/bench_api_cpu.py --clients {args.clients} --requests {args.requests}"
-            f" --batches {args.batches} --rounds {args.rounds} --paced-clients"
-            f" {args.paced_clients} --paced-seconds {args.paced_seconds:g}"
-            + (" --baseline <src of the commit before>" if args.baseline is not None else "")
-        )
-        append_record(command, report, "server CPU per poll")
+    report_and_record(
+        report,
+        args,
+        "bench_api_cpu.py",
+        "server CPU per poll",
+        baseline="<src of the commit before>",
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ Run: .venv/bin/python bench/bench_pacing.py [--rounds 3] [--n 64] [--batches 2]
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import threading
@@ -23,7 +22,15 @@ from typing import Any
 
 import openai
 
-from _harness import append_record, chat_body, machine, percentile, server, small_chat_workload
+from _harness import (
+    bench_parser,
+    chat_body,
+    machine,
+    percentile,
+    report_and_record,
+    server,
+    small_chat_workload,
+)
 from load import run_batch
 
 ARMS = {"paced (20 ms)": "20", "unpaced (0)": "0"}
@@ -76,15 +83,12 @@ def big_file(lines: int) -> bytes:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--n", type=int, default=64, help="chat requests per batch")
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--batches", type=int, default=2, help="timed batches per arm and round")
     parser.add_argument("--realtime", type=int, default=10, help="streamed requests per round")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
 
     print(f"machine: {machine()}", flush=True)
@@ -136,13 +140,7 @@ def main() -> None:
         f" p50 {percentile(totals[paced], 50) / percentile(totals[unpaced], 50):.2f}x, p95"
         f" {percentile(totals[paced], 95) / percentile(totals[unpaced], 95):.2f}x"
     )
-    print("\n".join(report), flush=True)
-    if not args.no_record:
-        command = (
-            f"python bench/bench_pacing.py --rounds {args.rounds} --n {args.n} --max-tokens"
-            f" {args.max_tokens} --batches {args.batches} --realtime {args.realtime}"
-        )
-        append_record(command, report, title="loop pacing, nothing polling")
+    report_and_record(report, args, "bench_pacing.py", "loop pacing, nothing polling")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 import time
 from pathlib import Path
 
-from _harness import append_record, server
+from _harness import bench_parser, report_and_record, server
 from load import KeepAliveConnection
 
 API_KEY = "bench"  # the bench server runs without keys
@@ -98,11 +98,10 @@ def measure_arm(args: argparse.Namespace, max_age: str) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = bench_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=50_000, help="requests in the running batch")
     parser.add_argument("--clients", type=int, default=20, help="concurrent polling clients")
     parser.add_argument("--requests", type=int, default=3000, help="GETs per phase")
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
 
     recount = measure_arm(args, "0")
@@ -122,13 +121,7 @@ def main() -> None:
         f" {recount['retrieve_cpu_ms'] / shared['retrieve_cpu_ms']:.1f}x,"
         f" list {recount['list_cpu_ms'] / shared['list_cpu_ms']:.1f}x"
     )
-    print("\n".join(report), flush=True)
-    if not args.no_record:
-        command = (
-            f"python bench/bench_poll_cost.py --n {args.n} --clients {args.clients}"
-            f" --requests {args.requests}"
-        )
-        append_record(command, report, "polling cost of a big running batch")
+    report_and_record(report, args, "bench_poll_cost.py", "polling cost of a big running batch")
 
 
 if __name__ == "__main__":

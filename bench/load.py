@@ -20,7 +20,6 @@ Run: .venv/bin/python bench/load.py [--clients 200] [--n 128] [--rounds 2] [--in
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import json
@@ -37,7 +36,14 @@ import httpx
 import openai
 import uvloop
 
-from _harness import append_record, machine, percentile, server, small_chat_workload
+from _harness import (
+    bench_parser,
+    machine,
+    percentile,
+    report_and_record,
+    server,
+    small_chat_workload,
+)
 
 API_KEY = "bench"  # the bench server runs without keys; any key is accepted
 TERMINAL = ("completed", "failed", "expired", "cancelled")
@@ -245,9 +251,7 @@ def cpu(core_seconds: float, arm: Arm) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = bench_parser(__doc__)
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--n", type=int, default=128, help="chat requests in the batch")
     parser.add_argument("--max-tokens", type=int, default=48)
@@ -259,7 +263,6 @@ def main() -> None:
     parser.add_argument(
         "--idle-seconds", type=float, default=10, help="the load alone, no batch running"
     )
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
 
     print(f"machine: {machine()}", flush=True)
@@ -367,14 +370,7 @@ def main() -> None:
         f" {statistics.median(round_ratios):.2f}"
         f" (drop {(1 - statistics.median(round_ratios)) * 100:.0f}%)",
     ]
-    print("\n".join(report), flush=True)
-    if not args.no_record:
-        command = (
-            f"python bench/load.py --clients {args.clients} --n {args.n} --max-tokens"
-            f" {args.max_tokens} --rounds {args.rounds} --interval {args.interval:g}"
-            f" --list-every {args.list_every} --idle-seconds {args.idle_seconds:g}"
-        )
-        append_record(command, report)
+    report_and_record(report, args, "load.py")
 
 
 if __name__ == "__main__":

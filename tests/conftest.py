@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -21,6 +23,16 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One real server (real engine, bundled model) shared by the tests that only need one."""
     data_dir = tmp_path_factory.mktemp("batchd-data")
     with running_server(data_dir, BATCHD_API_KEYS=f"{API_KEY},{OTHER_KEY}") as srv:
+        yield srv
+
+
+@contextlib.contextmanager
+def keyed_server(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[ServerProcess]:
+    """A server of a module's own, with this suite's two keys: for tests that count or compare
+    and must not see another test's work."""
+    with running_server(
+        tmp_path_factory.mktemp(name), BATCHD_API_KEYS=f"{API_KEY},{OTHER_KEY}"
+    ) as srv:
         yield srv
 
 
@@ -80,3 +92,26 @@ def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any
 @pytest.fixture()
 def data_dir(tmp_path: Path) -> Path:
     return tmp_path / "data"
+
+
+def create_message_batch(url: str, custom_id: str = "m0", *, key: str = API_KEY) -> str:
+    """A one-request Anthropic message batch (max_tokens 2) over plain HTTP; its id."""
+    created = httpx.post(
+        f"{url}/v1/messages/batches",
+        headers={"authorization": f"Bearer {key}"},
+        json={
+            "requests": [
+                {
+                    "custom_id": custom_id,
+                    "params": {
+                        "model": "default",
+                        "max_tokens": 2,
+                        "messages": [{"role": "user", "content": "Hi."}],
+                    },
+                }
+            ]
+        },
+        timeout=30,
+    )
+    assert created.status_code == 200, created.text
+    return str(created.json()["id"])

@@ -13,7 +13,15 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import API_KEY, OTHER_KEY, chat_line, upload, wait_for
+from tests.conftest import (
+    API_KEY,
+    OTHER_KEY,
+    chat_line,
+    create_message_batch,
+    keyed_server,
+    upload,
+    wait_for,
+)
 from tests.serverproc import ServerProcess, running_server
 
 BEARER = {"authorization": f"Bearer {API_KEY}"}
@@ -23,8 +31,7 @@ BEARER = {"authorization": f"Bearer {API_KEY}"}
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server of this module's own: the session's shared server may still be finishing other
     tests' work, which would make the exact counters below count someone else's requests."""
-    data_dir = tmp_path_factory.mktemp("batchd-metrics")
-    with running_server(data_dir, BATCHD_API_KEYS=f"{API_KEY},{OTHER_KEY}") as srv:
+    with keyed_server(tmp_path_factory, "batchd-metrics") as srv:
         yield srv
 
 
@@ -108,25 +115,7 @@ def test_polls_and_lists_are_labelled_by_route_template(server: ServerProcess) -
     """The polling routes are served on a fast path of their own (api/polling.py); their
     latency still lands under the route's template, for both surfaces."""
     before = scrape(server.url)
-    created = httpx.post(
-        f"{server.url}/v1/messages/batches",
-        headers=BEARER,
-        json={
-            "requests": [
-                {
-                    "custom_id": "a0",
-                    "params": {
-                        "model": "default",
-                        "max_tokens": 2,
-                        "messages": [{"role": "user", "content": "Hi."}],
-                    },
-                }
-            ]
-        },
-        timeout=30,
-    )
-    assert created.status_code == 200, created.text
-    message_batch_id = created.json()["id"]
+    message_batch_id = create_message_batch(server.url, "a0")
     for path in (
         "/v1/batches",
         "/v1/batches?limit=3",

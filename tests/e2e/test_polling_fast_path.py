@@ -15,8 +15,16 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, OTHER_KEY, chat_line, upload, wait_for
-from tests.serverproc import ServerProcess, running_server
+from tests.conftest import (
+    API_KEY,
+    OTHER_KEY,
+    chat_line,
+    create_message_batch,
+    keyed_server,
+    upload,
+    wait_for,
+)
+from tests.serverproc import ServerProcess
 
 BEARER = {"authorization": f"Bearer {API_KEY}"}
 # Headers that differ between any two responses: the clock and the fresh request id.
@@ -27,8 +35,7 @@ VOLATILE = {"date", "x-request-id"}
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A server of this module's own: no other test's batch may change state between the two
     requests of a pair (a list shows every batch of the tenant)."""
-    data_dir = tmp_path_factory.mktemp("batchd-fast-path")
-    with running_server(data_dir, BATCHD_API_KEYS=f"{API_KEY},{OTHER_KEY}") as srv:
+    with keyed_server(tmp_path_factory, "batchd-fast-path") as srv:
         yield srv
 
 
@@ -66,25 +73,7 @@ def test_the_fast_path_answers_byte_for_byte_as_the_full_path(
         metadata={"case": "fast-path"},
     )
     wait_for(client, batch.id)
-    created = httpx.post(
-        f"{server.url}/v1/messages/batches",
-        headers=BEARER,
-        json={
-            "requests": [
-                {
-                    "custom_id": "m0",
-                    "params": {
-                        "model": "default",
-                        "max_tokens": 2,
-                        "messages": [{"role": "user", "content": "Hi."}],
-                    },
-                }
-            ]
-        },
-        timeout=30,
-    )
-    assert created.status_code == 200, created.text
-    message_batch_id = created.json()["id"]
+    message_batch_id = create_message_batch(server.url, "m0")
 
     with httpx.Client(base_url=server.url, headers=BEARER, timeout=30) as http:
         _wait_ended(http, message_batch_id)  # nothing changes between a pair's two requests

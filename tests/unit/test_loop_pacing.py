@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from batchd.loop_pacing import LoopPacer
 
 
@@ -35,19 +37,6 @@ def test_a_busy_engine_paces_the_loop_to_one_iteration_per_interval() -> None:
     assert pacer.paced_seconds > 0.2
 
 
-def test_an_idle_engine_leaves_the_loop_free() -> None:
-    pacer = LoopPacer(lambda: False, interval=0.05)
-    assert asyncio.run(_iterations(pacer, 0.5)) > 300
-    assert pacer.paced_seconds == 0
-
-
-def test_a_realtime_arrival_stops_pacing_for_its_hold() -> None:
-    pacer = LoopPacer(lambda: True, interval=0.05)
-    pacer.hold(30)
-    assert asyncio.run(_iterations(pacer, 0.5)) > 300
-    assert pacer.paced_seconds == 0
-
-
 def test_the_engine_is_asked_on_every_iteration_so_pacing_ends_with_the_batch() -> None:
     calls = 0
 
@@ -61,20 +50,37 @@ def test_the_engine_is_asked_on_every_iteration_so_pacing_ends_with_the_batch() 
     assert 0.05 < pacer.paced_seconds < 0.3
 
 
-def test_zero_interval_never_starts() -> None:
-    pacer = LoopPacer(lambda: True, interval=0)
-    assert asyncio.run(_iterations(pacer, 0.2)) > 100
-    assert pacer.paced_seconds == 0
+def _run_free(pacer: LoopPacer, *, hold: float = 0, in_flight: bool = False) -> int:
+    if hold:
+        pacer.hold(hold)
+
+    async def run() -> int:
+        if in_flight:
+            with pacer.unpaced():
+                return await _iterations(pacer, 0.5)
+        return await _iterations(pacer, 0.5)
+
+    return asyncio.run(run())
 
 
-def test_no_pacing_while_a_request_other_than_a_poll_is_in_flight() -> None:
+@pytest.mark.parametrize(
+    ("case", "busy", "interval", "hold", "in_flight"),
+    [
+        ("an idle engine", False, 0.05, 0, False),
+        ("a realtime arrival's hold", True, 0.05, 30, False),
+        ("a request other than a poll in flight", True, 0.05, 0, True),
+        ("an interval of zero", True, 0, 0, False),
+    ],
+)
+def test_the_loop_runs_free_with(
+    case: str, busy: bool, interval: float, hold: float, in_flight: bool
+) -> None:
+    pacer = LoopPacer(lambda: busy, interval=interval)
+    assert _run_free(pacer, hold=hold, in_flight=in_flight) > 300, case
+    assert pacer.paced_seconds == 0, case
+
+
+def test_pacing_resumes_once_the_request_in_flight_ends() -> None:
     pacer = LoopPacer(lambda: True, interval=0.05)
-
-    async def upload_in_flight() -> int:
-        with pacer.unpaced():
-            return await _iterations(pacer, 0.5)
-
-    assert asyncio.run(upload_in_flight()) > 300
-    assert pacer.paced_seconds == 0
-    # Once it ends, pacing resumes.
+    assert _run_free(pacer, in_flight=True) > 300
     assert asyncio.run(_iterations(pacer, 0.5)) <= 30
