@@ -40,27 +40,28 @@ class ServerProcess:
     def openai_base_url(self) -> str:
         return f"{self.url}/v1"
 
+    @staticmethod
+    def command() -> list[str]:
+        """The ``batchd`` command line, before its subcommand."""
+        return [sys.executable, "-m", "batchd.cli"]
+
+    @staticmethod
+    def environment(env: dict[str, str]) -> dict[str, str]:
+        """This process's environment with ``env`` on top, and a small engine by default."""
+        merged = {**os.environ, **env}
+        merged.setdefault("BATCHD_MAX_SEQS", "16")
+        merged.setdefault("BATCHD_CTX_SIZE", "8192")
+        return merged
+
     def start(self) -> ServerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.data_dir / f"server-{self.port}-{int(time.time() * 1000)}.log"
-        env = {**os.environ, **self.env}
-        env.setdefault("BATCHD_MAX_SEQS", "16")
-        env.setdefault("BATCHD_CTX_SIZE", "8192")
         log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "batchd.cli",
-                "serve",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(self.data_dir),
-            ],
+            [*self.command(), "serve", "--port", str(self.port), "--data-dir", str(self.data_dir)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=env,
+            env=self.environment(self.env),
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_SECONDS
         while time.monotonic() < deadline:

@@ -19,6 +19,17 @@ UPSTREAM_MODEL = "smollm2-upstream"
 STARTUP_TIMEOUT_SECONDS = 120
 
 
+# llama-cpp-python's server, loading its model with the parameters batchd uses (on an AMX CPU
+# llama.cpp's AMX weight buffer crashes decoding; see batchd.engines.llama_model.model_params).
+_SERVER_WITH_BATCHD_MODEL_PARAMS = """
+import runpy
+import llama_cpp.llama_cpp
+from batchd.engines.llama_model import model_params
+llama_cpp.llama_cpp.llama_model_default_params = model_params
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
+
+
 @contextlib.contextmanager
 def llama_server(log_dir: Path, *, n_threads: int = 1, embedding: bool = False) -> Iterator[str]:
     """Yield the server's base URL (``http://127.0.0.1:PORT``; the API is under ``/v1``)."""
@@ -27,8 +38,8 @@ def llama_server(log_dir: Path, *, n_threads: int = 1, embedding: bool = False) 
     log_path = log_dir / f"llama-server-{port}.log"
     command = [
         sys.executable,
-        "-m",
-        "llama_cpp.server",
+        "-c",
+        _SERVER_WITH_BATCHD_MODEL_PARAMS,
         "--model",
         str(bundled_gguf()),
         "--model_alias",

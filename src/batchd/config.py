@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     body_idle_timeout_seconds: float = 60
     # JSON bodies nested deeper than this are refused (no chat or batch body needs more).
     max_json_depth: int = 64
+    # A request's head (request line and headers) larger than this, or with more headers, is
+    # refused with a 431 while it arrives, before authentication reads it. The SDKs send ~1 KB.
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_headers: int = Field(default=100, ge=16)
 
     # Retention (see retention.py): how often it runs, and how long ended batches keep their
     # prompts and results (OpenAI: after ending, like the 30-day result files; Anthropic:

@@ -7,6 +7,7 @@
     ├── NotFound                404: unknown id, or an id owned by another tenant
     │   └── ModelNotFound       404: a model this server does not serve
     ├── Conflict                409/400: an illegal state transition
+    │   └── IdempotencyConflict  409: an Idempotency-Key already used for another request
     ├── PayloadTooLarge         413: a body or upload beyond a configured limit
     ├── RequestTimeout          408: a body that stopped arriving before its end
     ├── LimitExceeded           429: a per-tenant limit; carries retry_after
@@ -82,6 +83,16 @@ class Conflict(BatchdError):
     status_code = 400
     openai_type = "invalid_request_error"
     anthropic_type = "invalid_request_error"
+
+
+class IdempotencyConflict(Conflict):
+    status_code = 409
+    default_code = "idempotency_key_conflict"
+
+
+class IdempotencyKeyTaken(Exception):
+    """Raised by the store when a create's Idempotency-Key was recorded by another create
+    first: the whole create rolled back; the caller answers with the other one's object."""
 
 
 class PayloadTooLarge(BatchdError):

@@ -2,8 +2,14 @@
 
 A client that retries a create after a timeout cannot know whether the first attempt landed.
 With a key, the retry returns the object the first attempt made instead of making a second
-one; the same key with a different request is a 409, and so is a retry that arrives while the
-first attempt is still running. Keys belong to the tenant and are remembered for 24 hours.
+one; the same key with a different request is a 409. Keys belong to the tenant and are
+remembered for 24 hours.
+
+The key row is written in the same transaction as the object it names (the store's create
+methods take it), so there is no claim to release: a create that fails or a process killed at
+any point leaves the key unused, and a retry runs the create afresh. Two creates racing with
+one key both do their work; the store lets exactly one commit, and the other answers with the
+winner's object.
 
 "The same request" means the same content: the JSON body (key order ignored) or, for an
 upload, the purpose, the filename and the bytes (their SHA-256).
@@ -12,13 +18,14 @@ upload, the purpose, the filename and the bytes (their SHA-256).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import orjson
-from fastapi import Request
 
-from batchd.errors import BatchdError, InvalidRequest
+from batchd import failpoints
+from batchd.errors import IdempotencyConflict, IdempotencyKeyTaken, InvalidRequest
+from batchd.store.records import EarlierCreate, IdempotencyKey
 from batchd.store.store import Store
 
 HEADER = "idempotency-key"
@@ -32,15 +39,9 @@ SCOPE_MESSAGE_BATCHES = "message_batches"
 T = TypeVar("T")
 
 
-class IdempotencyConflict(BatchdError):
-    status_code = 409
-    openai_type = "invalid_request_error"
-    anthropic_type = "invalid_request_error"
-    default_code = "idempotency_key_conflict"
-
-
-def key_of(request: Request) -> str | None:
-    key = request.headers.get(HEADER)
+def key_of(headers: Mapping[str, str]) -> str | None:
+    """The request's Idempotency-Key, checked; None without one."""
+    key = headers.get(HEADER)
     if key is None:
         return None
     if not 1 <= len(key) <= MAX_KEY_LENGTH or not key.isascii() or not key.isprintable():
@@ -66,31 +67,41 @@ def create_once(
     scope: str,
     key: str | None,
     fingerprint: str,
-    create: Callable[[], T],
+    create: Callable[[IdempotencyKey | None], T],
     fetch: Callable[[str], T],
-    object_id: Callable[[T], str],
 ) -> T:
-    """``create()``, unless ``key`` was used before: then the earlier object (``fetch``)."""
+    """``create(idempotency)``, unless ``key`` was used before: then the earlier object
+    (``fetch``). ``create`` must hand ``idempotency`` to the store method that commits its
+    object, which records the key in that same transaction."""
     if key is None:
-        return create()
-    earlier = store.claim_idempotency_key(tenant, scope, key, fingerprint, TTL_SECONDS)
+        return create(None)
+    earlier = store.find_idempotency_key(tenant, scope, key, TTL_SECONDS)
     if earlier is not None:
-        if earlier.fingerprint != fingerprint:
-            raise IdempotencyConflict(
-                "This Idempotency-Key was already used with a different request; use a new "
-                "key for a new request.",
-                param="Idempotency-Key",
-            )
-        if earlier.object_id is None:
-            raise IdempotencyConflict(
-                "A request with this Idempotency-Key is still being processed; retry shortly.",
-                param="Idempotency-Key",
-            )
-        return fetch(earlier.object_id)
+        return fetch(_same_request(earlier, fingerprint))
     try:
-        made = create()
-    except BaseException:
-        store.settle_idempotency_key(tenant, scope, key, None)  # let the retry run
-        raise
-    store.settle_idempotency_key(tenant, scope, key, object_id(made))
+        made = create(IdempotencyKey(tenant, scope, key, fingerprint, TTL_SECONDS))
+    except Exception as exc:
+        # Another create with this key committed first (IdempotencyKeyTaken), or this one
+        # failed (say, a limit) while another with the key succeeded: answer as a retry
+        # arriving now would be answered.
+        earlier = store.find_idempotency_key(tenant, scope, key, TTL_SECONDS)
+        if earlier is None:
+            if isinstance(exc, IdempotencyKeyTaken):  # taken, then forgotten: vanishingly rare
+                raise IdempotencyConflict(
+                    "Another request with this Idempotency-Key was being processed; retry.",
+                    param="Idempotency-Key",
+                ) from None
+            raise
+        return fetch(_same_request(earlier, fingerprint))
+    failpoints.hit("create.committed")  # committed, not yet answered
     return made
+
+
+def _same_request(earlier: EarlierCreate, fingerprint: str) -> str:
+    if earlier.fingerprint != fingerprint:
+        raise IdempotencyConflict(
+            "This Idempotency-Key was already used with a different request; use a new "
+            "key for a new request.",
+            param="Idempotency-Key",
+        )
+    return earlier.object_id

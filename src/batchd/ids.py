@@ -33,6 +33,18 @@ def message_batch_id() -> str:
     return "msgbatch_" + _base62(time.time_ns() // 1_000_000, 8) + _base62(secrets.randbits(96), 17)
 
 
+def message_batch_created_ms(message_batch_id: str) -> int | None:
+    """When a message batch id was made (epoch milliseconds), or None for another kind of id."""
+    prefix = "msgbatch_"
+    stamp = message_batch_id[len(prefix) : len(prefix) + 8]
+    if not message_batch_id.startswith(prefix) or len(stamp) != 8:
+        return None
+    try:
+        return sum(_BASE62.index(c) * 62**i for i, c in enumerate(reversed(stamp)))
+    except ValueError:
+        return None
+
+
 def batch_request_id() -> str:
     return "batch_req_" + secrets.token_hex(16)
 

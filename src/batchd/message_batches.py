@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from batchd import ids
+from batchd import failpoints, ids
 from batchd.errors import Conflict, InvalidRequest, NotFound
 from batchd.ingest import RequestLine, prefix_key
 from batchd.protocol import anthropic as am
@@ -27,7 +27,12 @@ from batchd.service import (
     create_batch_admitted,
     get_batch,
 )
-from batchd.store.records import FINAL_REQUEST_STATES, BatchRecord, BatchStatus
+from batchd.store.records import (
+    FINAL_REQUEST_STATES,
+    BatchRecord,
+    BatchStatus,
+    IdempotencyKey,
+)
 from batchd.store.store import now
 
 log = logging.getLogger(__name__)
@@ -103,14 +108,16 @@ def _row(line_no: int, custom_id: str, params: dict[str, Any]) -> RequestLine:
     )
 
 
-def create_message_batch(services: Services, tenant: str, body: Any) -> BatchRecord:
+def create_message_batch(
+    services: Services, tenant: str, body: Any, idempotency: IdempotencyKey | None = None
+) -> BatchRecord:
     """Check the envelope, insert every request as a row, then open the batch.
 
     Blocking (database work): call it off the event loop, then wake the scheduler. The rows
     go in first, in short chunked transactions, and the batch row last: the scheduler leases
     only rows of an ``in_progress`` batch, so it can neither run nor finalize a half-inserted
     one. If insertion fails the rows are removed; a crash mid-way leaves rows no batch owns,
-    which nothing reads. The tenant's limits are checked before the rows go in (a quick
+    which nothing reads and retention removes once they are an hour old. The tenant's limits are checked before the rows go in (a quick
     refusal) and again with the batch row's insert, atomically (the one that binds: rows
     count only once their batch row exists).
     """
@@ -131,6 +138,7 @@ def create_message_batch(services: Services, tenant: str, body: Any) -> BatchRec
                 store.insert_requests(batch_id, chunk)
                 chunk = []
         store.insert_requests(batch_id, chunk)
+        failpoints.hit("message_batch.rows_inserted")  # rows in, no batch row owns them yet
         created = now()
         create_batch_admitted(
             services,
@@ -150,6 +158,7 @@ def create_message_batch(services: Services, tenant: str, body: Any) -> BatchRec
                 "expires_at": created + am.BATCH_WINDOW_SECONDS,
             },
             len(requests),
+            idempotency,
         )
     except BaseException:
         store.delete_requests(batch_id)

@@ -8,6 +8,9 @@
   days): its prompts and results are dropped from the rows, its counts stay, and an Anthropic
   batch shows ``archived_at`` and no longer serves results.
 - Idempotency keys older than 24 hours are forgotten.
+- Request rows that no batch owns and whose message batch id is over an hour old are deleted:
+  a create killed between inserting its rows and its batch row left them; nothing reads them,
+  but they would count in the queue-depth metrics forever.
 - Blobs no row points at and older than a day are deleted: what a process killed between
   writing a file and committing its row left behind (a finalizer killed half-way, say) on a
   data dir other processes share, where start-up cannot tell an orphan from a write in flight.
@@ -21,7 +24,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from batchd import idempotency
+from batchd import idempotency, ids
 from batchd.blobs import BlobStore
 from batchd.config import Settings
 from batchd.store.store import Store, now
@@ -30,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # No write takes a day between its bytes and its row: an unreferenced blob older is an orphan.
 ORPHAN_BLOB_GRACE_SECONDS = 24 * 3600
+# Nor does a message batch create take an hour between its first row and its batch row.
+ORPHAN_ROWS_GRACE_SECONDS = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,7 @@ class PurgeReport:
     batches_archived: int
     idempotency_keys_forgotten: int
     orphan_blobs_removed: int
+    orphan_batches_dropped: int = 0
 
 
 def purge(store: Store, blobs: BlobStore, settings: Settings, at: int | None = None) -> PurgeReport:
@@ -58,21 +64,33 @@ def purge(store: Store, blobs: BlobStore, settings: Settings, at: int | None = N
     ):
         archived += sum(store.archive_batch(batch_id, at) for batch_id in batch_ids)
     keys = store.purge_idempotency_keys(at - idempotency.TTL_SECONDS)
+    dropped = _drop_orphan_rows(store, at)
     # Names first, then the directory: a blob committed in between is younger than the grace.
     referenced = store.all_blob_names()
     orphans = blobs.remove_orphans(referenced, older_than=at - ORPHAN_BLOB_GRACE_SECONDS)
-    report = PurgeReport(files, archived, keys, orphans)
-    if files or archived or keys or orphans:
+    report = PurgeReport(files, archived, keys, orphans, dropped)
+    if files or archived or keys or orphans or dropped:
         log.info(
             "retention pass: %d files deleted, %d batches archived, %d idempotency keys "
-            "forgotten, %d orphan blobs removed",
+            "forgotten, %d orphan blobs removed, rows of %d unfinished creates dropped",
             files,
             archived,
             keys,
             orphans,
+            dropped,
             extra={"action": "retention"},
         )
     return report
+
+
+def _drop_orphan_rows(store: Store, at: int) -> int:
+    dropped = 0
+    for batch_id in store.orphan_request_batch_ids():
+        created_ms = ids.message_batch_created_ms(batch_id)
+        if created_ms is not None and created_ms // 1000 + ORPHAN_ROWS_GRACE_SECONDS <= at:
+            store.delete_requests(batch_id)
+            dropped += 1
+    return dropped
 
 
 async def run_forever(store: Store, blobs: BlobStore, settings: Settings) -> None:

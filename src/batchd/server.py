@@ -17,6 +17,7 @@ import uvicorn
 
 from batchd import retention
 from batchd.api.app import asgi_app
+from batchd.api.http_limits import bounded_http_protocol
 from batchd.blobs import BlobStore, DirectoryBlobStore
 from batchd.config import Settings
 from batchd.engines.factory import build_engine
@@ -172,7 +173,14 @@ def serve(settings: Settings, role: Role = "all", *, drain: bool = False) -> Non
     services = build_services(settings, role)
     app = asgi_app(services)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+        uvicorn.run(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="info",
+            access_log=False,
+            http=bounded_http_protocol(settings.max_header_bytes, settings.max_headers),
+        )
     finally:
         if lock is not None:
             lock.close()

@@ -15,7 +15,7 @@ from batchd.errors import Conflict, InvalidRequest, LimitExceeded, NotFound
 from batchd.loop_pacing import REALTIME_HOLD_SECONDS, LoopPacer
 from batchd.protocol import openai as oa
 from batchd.scheduler.runner import Scheduler
-from batchd.store.records import BatchRecord, BatchStatus, FileRecord
+from batchd.store.records import BatchRecord, BatchStatus, FileRecord, IdempotencyKey
 from batchd.store.store import Store, now
 
 
@@ -57,7 +57,14 @@ def wake_scheduler(services: Services) -> None:
 
 
 def register_upload(
-    services: Services, tenant: str, *, filename: str, purpose: str, blob: str, size: int
+    services: Services,
+    tenant: str,
+    *,
+    filename: str,
+    purpose: str,
+    blob: str,
+    size: int,
+    idempotency: IdempotencyKey | None = None,
 ) -> FileRecord:
     created = now()
     record = FileRecord(
@@ -72,7 +79,7 @@ def register_upload(
         ),
         blob=blob,
     )
-    services.store.create_file(record)
+    services.store.create_file(record, idempotency)
     return record
 
 
@@ -139,7 +146,10 @@ def check_tenant_capacity(services: Services, tenant: str, adding_requests: int 
 
 
 def create_batch_admitted(
-    services: Services, values: dict[str, Any], adding_requests: int = 0
+    services: Services,
+    values: dict[str, Any],
+    adding_requests: int = 0,
+    idempotency: IdempotencyKey | None = None,
 ) -> None:
     """Insert the batch row ``values`` if its tenant is within its per-tenant limits, else
     raise the 429. The count and the insert are one transaction under the tenant's lock:
@@ -155,6 +165,7 @@ def create_batch_admitted(
         adding_requests=adding_requests,
         max_active=settings.max_active_batches_per_tenant,
         max_queued=settings.max_queued_requests_per_tenant,
+        idempotency=idempotency,
     )
     if refused is not None:
         error = _capacity_error(settings, *refused, adding_requests)
@@ -170,7 +181,9 @@ def batch_endpoints(engine: Engine) -> tuple[str, ...]:
     return tuple(e for e in oa.SUPPORTED_BATCH_ENDPOINTS if e != oa.EMBEDDINGS_ENDPOINT)
 
 
-def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchRecord:
+def create_openai_batch(
+    services: Services, tenant: str, body: Any, idempotency: IdempotencyKey | None = None
+) -> BatchRecord:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     for key in ("input_file_id", "endpoint", "completion_window"):
@@ -225,6 +238,7 @@ def create_openai_batch(services: Services, tenant: str, body: Any) -> BatchReco
             "created_at": created,
             "expires_at": created + window_seconds,
         },
+        idempotency=idempotency,
     )
     wake_scheduler(services)
     record = services.store.get_batch(batch_id, tenant)

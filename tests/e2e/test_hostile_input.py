@@ -596,6 +596,39 @@ def test_malformed_multipart_bodies(http: httpx.Client) -> None:
     openai_error(post_form(http, b""), 400)
 
 
+@pytest.mark.parametrize("length", [1, 70, 256])
+def test_a_boundary_up_to_256_characters_is_parsed(http: httpx.Client, length: int) -> None:
+    boundary = ("b" * length)[:length]
+    data = jsonl([chat_line("a", "Hi", max_tokens=1)])
+    body = multipart([("purpose", None, b"batch"), ("file", "a.jsonl", data)], boundary)
+    response = post_form(http, body, boundary)
+    assert response.status_code == 200, response.text
+    assert response.json()["bytes"] == len(data)
+
+
+@pytest.mark.parametrize("length", [257, 10_000])
+def test_a_boundary_over_256_characters_is_a_400_naming_it(
+    http: httpx.Client, server: ServerProcess, length: int
+) -> None:
+    boundary = "b" * length
+    body = multipart([("purpose", None, b"batch"), ("file", "a.jsonl", b"{}\n")], boundary)
+    error = openai_error(post_form(http, body, boundary), 400)
+    assert error["param"] == "Content-Type"
+    assert f"{length} characters" in error["message"]
+    still_serving(server)
+
+
+@pytest.mark.parametrize("content_type", ["multipart/form-data; boundary=", "multipart/form-data"])
+def test_an_empty_or_missing_boundary_is_a_400_naming_it(
+    http: httpx.Client, server: ServerProcess, content_type: str
+) -> None:
+    body = multipart([("purpose", None, b"batch"), ("file", "a.jsonl", b"{}\n")])
+    response = http.post("/v1/files", content=body, headers={"Content-Type": content_type})
+    error = openai_error(response, 400)
+    assert error["param"] == "Content-Type" and "boundary" in error["message"]
+    still_serving(server)
+
+
 def raw_exchange(server: ServerProcess, head: bytes, body: bytes, *, read_timeout: float) -> bytes:
     """Send bytes over a bare socket (what no HTTP client would let us send) and read the reply."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=read_timeout) as sock:

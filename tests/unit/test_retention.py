@@ -7,16 +7,22 @@ from pathlib import Path
 
 import pytest
 
-from batchd import message_batches, retention
+from batchd import ids, message_batches, retention
 from batchd.blobs import DirectoryBlobStore
 from batchd.config import Settings
-from batchd.errors import NotFound
+from batchd.errors import IdempotencyKeyTaken, NotFound
 from batchd.ingest import RequestLine
 from batchd.protocol import anthropic as am
 from batchd.scheduler.finalize import finalize_batch
 from batchd.service import Services
 from batchd.store import database
-from batchd.store.records import BatchStatus, FileRecord, RequestOutcome, RequestState
+from batchd.store.records import (
+    BatchStatus,
+    FileRecord,
+    IdempotencyKey,
+    RequestOutcome,
+    RequestState,
+)
 from batchd.store.store import Store, now
 
 DAY = 24 * 3600
@@ -126,25 +132,68 @@ def test_anthropic_results_live_29_days_from_creation(services: Services) -> Non
     assert retention.purge(store, blobs, settings, at=now() + 29 * DAY + 5).batches_archived == 1
 
 
+def keyed_file(services: Services, file_id: str, key: IdempotencyKey) -> None:
+    record = FileRecord(file_id, key.tenant, "in.jsonl", "batch", 9, now(), None, "blob")
+    services.store.create_file(record, key)
+
+
 def test_idempotency_keys_are_forgotten_after_a_day(services: Services) -> None:
     store = services.store
-    assert store.claim_idempotency_key("t", "files", "k1", "fp", DAY) is None
-    store.settle_idempotency_key("t", "files", "k1", "file-1")
-    again = store.claim_idempotency_key("t", "files", "k1", "fp", DAY)
-    assert again is not None and again.object_id == "file-1"
-    assert store.claim_idempotency_key("other", "files", "k1", "fp", DAY) is None  # per tenant
+    assert store.find_idempotency_key("t", "files", "k1", DAY) is None
+    keyed_file(services, "file-1", IdempotencyKey("t", "files", "k1", "fp", DAY))
+    again = store.find_idempotency_key("t", "files", "k1", DAY)
+    assert again is not None and again.object_id == "file-1" and again.fingerprint == "fp"
+    assert store.find_idempotency_key("other", "files", "k1", DAY) is None  # per tenant
+    keyed_file(services, "file-2", IdempotencyKey("other", "files", "k1", "fp", DAY))
     report = retention.purge(store, services.blobs, services.settings, at=now() + DAY + 5)
     assert report.idempotency_keys_forgotten == 2
-    assert store.claim_idempotency_key("t", "files", "k1", "new", DAY) is None
+    assert store.find_idempotency_key("t", "files", "k1", DAY) is None
 
 
-def test_a_failed_create_releases_its_key(services: Services) -> None:
+def test_a_key_is_recorded_with_its_object_or_not_at_all(services: Services) -> None:
     store = services.store
-    assert store.claim_idempotency_key("t", "batches", "k", "fp", DAY) is None
-    in_flight = store.claim_idempotency_key("t", "batches", "k", "fp", DAY)
-    assert in_flight is not None and in_flight.object_id is None
-    store.settle_idempotency_key("t", "batches", "k", None)
-    assert store.claim_idempotency_key("t", "batches", "k", "fp", DAY) is None
+    key = IdempotencyKey("t", "files", "k", "fp", DAY)
+    keyed_file(services, "file-first", key)
+    # A second create with the same key writes nothing: not its key, not its object.
+    with pytest.raises(IdempotencyKeyTaken):
+        keyed_file(services, "file-second", key)
+    assert store.get_file("t", "file-second") is None
+    earlier = store.find_idempotency_key("t", "files", "k", DAY)
+    assert earlier is not None and earlier.object_id == "file-first"
+
+
+def test_a_failed_create_leaves_its_key_free(services: Services) -> None:
+    store = services.store
+    key = IdempotencyKey("t", "batches", "k", "fp", DAY)
+    refused = store.create_batch_within_limits(
+        {"id": "batch_x", "tenant": "t"},
+        adding_requests=1,
+        max_active=0,
+        max_queued=10,
+        idempotency=key,
+    )
+    assert refused == (0, 0)  # over the limit: nothing written
+    assert store.find_idempotency_key("t", "batches", "k", DAY) is None
+
+
+def test_rows_no_batch_owns_go_after_an_hour(services: Services) -> None:
+    store = services.store
+    old = "msgbatch_" + ids._base62((now() - 2 * 3600) * 1000, 8) + "x" * 17
+    young = ids.message_batch_id()
+    for batch_id in (old, young):  # a create killed between its rows and its batch row
+        store.insert_requests(batch_id, [RequestLine(1, "only", b"{}", "m", "k")])
+    add_batch(services, "msgbatch_owned", "anthropic", None)
+    assert retention.purge(store, services.blobs, services.settings).orphan_batches_dropped == 1
+    assert set(store.orphan_request_batch_ids()) == {young}
+    assert store.counts("msgbatch_owned").total == 1
+
+
+def test_message_batch_ids_tell_their_creation_time() -> None:
+    before = now() * 1000
+    created = ids.message_batch_created_ms(ids.message_batch_id())
+    assert created is not None and before <= created <= now() * 1000 + 1000
+    assert ids.message_batch_created_ms(ids.batch_id()) is None
+    assert ids.message_batch_created_ms("msgbatch_!!") is None
 
 
 def test_orphan_blobs_go_after_a_day_and_young_ones_stay(services: Services) -> None:

@@ -37,7 +37,7 @@ def _base_url(request: Request, services: Services) -> str:
 async def create_message_batch(
     request: Request, tenant: Tenant, services: ServicesDep
 ) -> dict[str, Any]:
-    key = idempotency.key_of(request)
+    key = idempotency.key_of(request.headers)
     body = await read_json(request, services.settings.anthropic_max_body_bytes)
 
     def create_once() -> BatchRecord:  # in a thread: hashing and inserting a big body is slow
@@ -47,9 +47,10 @@ async def create_message_batch(
             scope=idempotency.SCOPE_MESSAGE_BATCHES,
             key=key,
             fingerprint=idempotency.fingerprint_json(body) if key else "",
-            create=lambda: message_batches.create_message_batch(services, tenant, body),
+            create=lambda idempotency_key: message_batches.create_message_batch(
+                services, tenant, body, idempotency_key
+            ),
             fetch=lambda batch_id: service.get_batch(services, tenant, batch_id, SURFACE),
-            object_id=lambda made: made.id,
         )
 
     record = await asyncio.to_thread(create_once)

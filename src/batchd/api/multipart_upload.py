@@ -4,6 +4,7 @@ size limit is enforced while reading, and nothing is buffered whole in memory.""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
@@ -39,9 +40,36 @@ class _PartState:
         self.is_file = False
 
 
+# RFC 2046 allows 70 characters; the parser takes up to this many, and clients send ~32-70.
+MAX_BOUNDARY_LENGTH = 256
+
+
+def _parser(boundary: bytes, callbacks: dict[str, Any]) -> MultipartParser:
+    """The streaming parser for ``boundary``, or a 400 naming what is wrong with it (the
+    parser's own constructor refuses some boundaries with an exception of its own)."""
+    if len(boundary) > MAX_BOUNDARY_LENGTH:
+        raise InvalidRequest(
+            f"The multipart boundary is {len(boundary)} characters long; at most "
+            f"{MAX_BOUNDARY_LENGTH} are accepted (RFC 2046 allows 70).",
+            param="Content-Type",
+        )
+    try:
+        return MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+    except Exception as exc:
+        raise InvalidRequest(
+            f"The multipart boundary in Content-Type is not usable: {exc}", param="Content-Type"
+        ) from None
+
+
 async def parse_upload(request: Request, blobs: BlobStore, max_file_bytes: int) -> Upload:
     content_type, params = parse_options_header(request.headers.get("content-type", ""))
     boundary = params.get(b"boundary")
+    if content_type == b"multipart/form-data" and not boundary:
+        raise InvalidRequest(
+            "The Content-Type multipart/form-data has no boundary (or an empty one): the parts"
+            " of the form cannot be told apart.",
+            param="Content-Type",
+        )
     if content_type != b"multipart/form-data" or not boundary:
         raise InvalidRequest(
             "Uploads must be multipart/form-data with a 'file' part and a 'purpose' field.",
@@ -120,7 +148,7 @@ async def parse_upload(request: Request, blobs: BlobStore, max_file_bytes: int) 
                 return
             upload.fields[part.name] = part.value.decode("utf-8", "replace")
 
-    parser = MultipartParser(
+    parser = _parser(
         boundary,
         {
             "on_part_begin": on_part_begin,

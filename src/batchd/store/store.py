@@ -20,15 +20,18 @@ from sqlalchemy import Engine, and_, bindparam, func, insert, or_, select, text,
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import TextClause
 
+from batchd import failpoints
+from batchd.errors import IdempotencyKeyTaken
 from batchd.ingest import RequestLine
 from batchd.store import polling, schema
 from batchd.store.records import (
     TERMINAL_BATCH_STATUSES,
     BatchRecord,
     BatchStatus,
+    EarlierCreate,
     FileRecord,
     FinishedRow,
-    IdempotencyClaim,
+    IdempotencyKey,
     LeasedRequest,
     RequestCounts,
     RequestOutcome,
@@ -117,9 +120,12 @@ class Store:
 
     # ---------------------------------------------------------------- files
 
-    def create_file(self, record: FileRecord) -> None:
+    def create_file(self, record: FileRecord, idempotency: IdempotencyKey | None = None) -> None:
+        """Insert a file row, and its create's idempotency key in the same transaction."""
         with self.engine.begin() as conn:
+            _record_idempotency_key(conn, idempotency, record.id)
             conn.execute(insert(schema.files).values(**_file_values(record)))
+            failpoints.hit("create_file.before_commit")
 
     def get_file(self, tenant: str, file_id: str) -> FileRecord | None:
         with self.engine.connect() as conn:
@@ -425,6 +431,20 @@ class Store:
             )
         return True
 
+    def orphan_request_batch_ids(self, limit: int = 100) -> list[str]:
+        """Batch ids that request rows name but no batch row has: what a message batch create
+        killed between inserting its rows and its batch row left behind (or one running now)."""
+        r, b = schema.requests, schema.batches
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(r.c.batch_id)
+                    .where(~select(b.c.id).where(b.c.id == r.c.batch_id).exists())
+                    .distinct()
+                    .limit(limit)
+                ).scalars()
+            )
+
     def delete_requests(self, batch_id: str) -> None:
         with self.engine.begin() as conn:
             conn.execute(schema.requests.delete().where(schema.requests.c.batch_id == batch_id))
@@ -624,6 +644,7 @@ class Store:
         adding_requests: int,
         max_active: int,
         max_queued: int,
+        idempotency: IdempotencyKey | None = None,
     ) -> tuple[int, int] | None:
         """Insert a batch row only if its tenant stays within its admission limits: fewer
         than ``max_active`` batches not yet ended, and its queued or running requests plus
@@ -635,7 +656,9 @@ class Store:
         PostgreSQL a transaction-scoped advisory lock keyed on the tenant; on SQLite
         ``BEGIN IMMEDIATE``, the database's one writer lock), so two creates racing each other
         cannot both pass on the same room. The rows of ``values``' batch, if already
-        inserted, are not counted: rows count once their batch row exists."""
+        inserted, are not counted: rows count once their batch row exists. ``idempotency``:
+        the create's key, recorded in the same transaction (IdempotencyKeyTaken if another
+        create recorded it first: then nothing is written)."""
         tenant = str(values["tenant"])
         with self.engine.begin() as conn:
             if conn.dialect.name == "postgresql":
@@ -661,7 +684,9 @@ class Store:
             ).scalar_one()
             if active_count >= max_active or queued + max(adding_requests, 1) > max_queued:
                 return int(active_count), int(queued)
+            _record_idempotency_key(conn, idempotency, str(values["id"]))
             conn.execute(insert(b).values(**values))
+            failpoints.hit("create_batch.before_commit")
         return None
 
     # ------------------------------------------------------------------- retention
@@ -732,50 +757,23 @@ class Store:
 
     # ------------------------------------------------------------ idempotency keys
 
-    def claim_idempotency_key(
-        self, tenant: str, scope: str, key: str, fingerprint: str, ttl_seconds: int
-    ) -> IdempotencyClaim | None:
-        """Claim ``key`` for a new create; None if claimed now. Otherwise the earlier claim
-        (a key older than ``ttl_seconds`` is forgotten and can be claimed afresh). The
-        primary key decides races: of two concurrent claims, exactly one inserts."""
+    def find_idempotency_key(
+        self, tenant: str, scope: str, key: str, ttl_seconds: int
+    ) -> EarlierCreate | None:
+        """The object an earlier create with this key made, unless the key is older than
+        ``ttl_seconds`` (then it is forgotten) or was never used."""
         t = schema.idempotency_keys
-        where = and_(t.c.tenant == tenant, t.c.scope == scope, t.c.key == key)
-        created = now()
-        with self.engine.begin() as conn:
-            conn.execute(t.delete().where(where, t.c.created_at < created - ttl_seconds))
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(
-                    insert(t).values(
-                        tenant=tenant,
-                        scope=scope,
-                        key=key,
-                        fingerprint=fingerprint,
-                        object_id=None,
-                        created_at=created,
-                    )
-                )
-            return None
-        except IntegrityError:
-            pass
         with self.engine.connect() as conn:
-            row = conn.execute(select(t).where(where)).first()
-        if row is None:  # released between our insert and this read: the caller may retry
-            return IdempotencyClaim(fingerprint="", object_id=None, created_at=created)
-        return IdempotencyClaim(row.fingerprint, row.object_id, row.created_at)
-
-    def settle_idempotency_key(
-        self, tenant: str, scope: str, key: str, object_id: str | None
-    ) -> None:
-        """Record the object the claim created, or (``None``) release a claim whose create
-        failed, so that the client's retry with the same key can run."""
-        t = schema.idempotency_keys
-        where = and_(t.c.tenant == tenant, t.c.scope == scope, t.c.key == key)
-        with self.engine.begin() as conn:
-            if object_id is None:
-                conn.execute(t.delete().where(where, t.c.object_id.is_(None)))
-            else:
-                conn.execute(update(t).where(where).values(object_id=object_id))
+            row = conn.execute(
+                select(t.c.fingerprint, t.c.object_id, t.c.created_at).where(
+                    t.c.tenant == tenant,
+                    t.c.scope == scope,
+                    t.c.key == key,
+                    t.c.object_id.is_not(None),
+                    t.c.created_at >= now() - ttl_seconds,
+                )
+            ).first()
+        return EarlierCreate(row.fingerprint, row.object_id, row.created_at) if row else None
 
     def purge_idempotency_keys(self, older_than: int) -> int:
         t = schema.idempotency_keys
@@ -957,6 +955,40 @@ _STATS_OF_BATCHES = (
     .where(_R.c.batch_id.in_(bindparam("batch_ids", expanding=True)))
     .group_by(_R.c.batch_id, _R.c.state)
 )
+
+
+def _record_idempotency_key(conn: Any, idempotency: IdempotencyKey | None, object_id: str) -> None:
+    """Write ``idempotency`` naming ``object_id`` inside the caller's transaction, which also
+    writes the object: both commit or neither does. The primary key decides races: of two
+    creates with one key, the second's insert fails (on PostgreSQL it waits for the first's
+    commit) and IdempotencyKeyTaken rolls its whole transaction back. A row past its TTL, or
+    a claim with no object left by an older version that crashed, is replaced."""
+    if idempotency is None:
+        return
+    t = schema.idempotency_keys
+    created = now()
+    same_key = and_(
+        t.c.tenant == idempotency.tenant, t.c.scope == idempotency.scope, t.c.key == idempotency.key
+    )
+    conn.execute(
+        t.delete().where(
+            same_key,
+            or_(t.c.object_id.is_(None), t.c.created_at < created - idempotency.ttl_seconds),
+        )
+    )
+    try:
+        conn.execute(
+            insert(t).values(
+                tenant=idempotency.tenant,
+                scope=idempotency.scope,
+                key=idempotency.key,
+                fingerprint=idempotency.fingerprint,
+                object_id=object_id,
+                created_at=created,
+            )
+        )
+    except IntegrityError:
+        raise IdempotencyKeyTaken(idempotency.key) from None
 
 
 def _file_values(record: FileRecord) -> dict[str, Any]:
