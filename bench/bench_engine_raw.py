@@ -18,7 +18,7 @@ from typing import Any
 from _harness import machine, small_chat_workload
 from batchd.config import Settings
 from batchd.engines.base import ChatMessage, GenerationRequest, SamplingParams
-from batchd.engines.llamacpp_engine import LlamaCppEngine
+from batchd.engines.llamacpp.engine import LlamaCppEngine
 
 
 def _requests(bodies: list[dict[str, Any]]) -> list[GenerationRequest]:

@@ -31,12 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._harness import append_record
 from bench.bench_scale import fresh_database, postgres_unreachable
 
-from batchd.blobs import DirectoryBlobStore
-from batchd.ingest import RequestLine
+from batchd.blobs.local import DirectoryBlobStore
+from batchd.clock import now
+from batchd.protocol.batch_file import RequestLine
 from batchd.scheduler.finalize import finalize_batch
 from batchd.store import database
 from batchd.store.records import BatchStatus, RequestOutcome, RequestState
-from batchd.store.store import Store, now
+from batchd.store.store import Store
 
 BODY = b'{"model":"default","messages":[{"role":"user","content":"Say hi."}],"max_tokens":8}'
 RESULT = b'{"id":"chatcmpl-x","object":"chat.completion","choices":[],"usage":{}}'

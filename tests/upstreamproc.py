@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from batchd.engines.llama_model import bundled_gguf
+from batchd.engines.llamacpp.model_files import bundled_gguf
 from tests.serverproc import free_port
 
 UPSTREAM_MODEL = "smollm2-upstream"
@@ -20,11 +20,11 @@ STARTUP_TIMEOUT_SECONDS = 120
 
 
 # llama-cpp-python's server, loading its model with the parameters batchd uses (on an AMX CPU
-# llama.cpp's AMX weight buffer crashes decoding; see batchd.engines.llama_model.model_params).
+# llama.cpp's AMX weight buffer crashes decoding; see batchd.engines.llamacpp.model_files.model_params).
 _SERVER_WITH_BATCHD_MODEL_PARAMS = """
 import runpy
 import llama_cpp.llama_cpp
-from batchd.engines.llama_model import model_params
+from batchd.engines.llamacpp.model_files import model_params
 llama_cpp.llama_cpp.llama_model_default_params = model_params
 runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 """

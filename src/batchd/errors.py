@@ -12,8 +12,19 @@
     ├── RequestTimeout          408: a body that stopped arriving before its end
     ├── LimitExceeded           429: a per-tenant limit; carries retry_after
     ├── EngineError             500: the engine failed for a reason not the caller's
-    └── UpstreamError           the upstream's own status: a final answer from an upstream
-                                engine (a 4xx other than 429, or a 5xx once retries ran out)
+    ├── UpstreamError           the upstream's own status: a final answer from an upstream
+    │                           engine (a 4xx other than 429, or a 5xx once retries ran out)
+    └── StartupError            a setting or environment the process cannot start with (the
+        │                       CLI prints it and exits 2; never an HTTP answer)
+        ├── ConfigError         a malformed model registry file, or an unset variable it names
+        ├── DatabaseUrlError    a --database-url we cannot use (password hidden)
+        ├── BlobUrlError        a BATCHD_FILES_URL we cannot use
+        ├── DataDirLocked       another process serves this data dir
+        ├── InsecureBind        a non-loopback bind with no API keys
+        └── NeedsSharedDatabase `batchd api`/`worker` without PostgreSQL
+
+``IdempotencyKeyTaken`` is no client error: the store raises it to the idempotency service,
+which answers with the object the other create made.
 
 Services raise these; ``batchd.api.errors`` alone turns them into the OpenAI or Anthropic wire
 shape. Nothing below the API layer raises HTTP exceptions.
@@ -122,6 +133,34 @@ class LimitExceeded(BatchdError):
 
 class EngineError(BatchdError):
     status_code = 500
+
+
+class StartupError(BatchdError):
+    pass
+
+
+class ConfigError(StartupError):
+    pass
+
+
+class DatabaseUrlError(StartupError):
+    pass
+
+
+class BlobUrlError(StartupError):
+    pass
+
+
+class DataDirLocked(StartupError):
+    pass
+
+
+class InsecureBind(StartupError):
+    pass
+
+
+class NeedsSharedDatabase(StartupError):
+    pass
 
 
 _ANTHROPIC_TYPES_BY_STATUS = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import openai
 
-from batchd.engines.llama_model import bundled_gguf
+from batchd.engines.llamacpp.model_files import bundled_gguf
 from tests.conftest import chat_line, read_jsonl, upload, wait_for
 from tests.serverproc import running_server
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import pytest
 
 from batchd.engines.base import ChatMessage, GenerationRequest, Priority, SamplingParams
-from batchd.engines.llamacpp_engine import LlamaCppEngine
+from batchd.engines.llamacpp.engine import LlamaCppEngine
 from batchd.errors import ContextLengthExceeded, ModelNotFound
 
 T = TypeVar("T")

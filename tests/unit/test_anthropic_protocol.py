@@ -9,13 +9,13 @@ from typing import Any
 import orjson
 import pytest
 
-from batchd import message_batches
 from batchd.config import Settings
 from batchd.engines.base import ChatMessage, GenerationResult, Priority
 from batchd.errors import Conflict, InvalidRequest
 from batchd.protocol import anthropic as am
 from batchd.scheduler.finalize import finalize_batch
-from batchd.service import Services
+from batchd.service import message_batches
+from batchd.service.core import Services
 from batchd.store import database
 from batchd.store.records import BatchStatus, RequestOutcome, RequestState
 from batchd.store.store import Store

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from batchd.api.bodies import check_depth
+from batchd.api.json_body import check_depth
 from batchd.errors import InvalidRequest
 
 

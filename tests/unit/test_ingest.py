@@ -3,7 +3,7 @@ from __future__ import annotations
 import io
 import json
 
-from batchd import ingest
+from batchd.protocol import batch_file as ingest
 
 ENDPOINT = "/v1/chat/completions"
 

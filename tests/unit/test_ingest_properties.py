@@ -1,4 +1,4 @@
-"""Property tests of the streaming JSONL validator (``batchd.ingest``) with hypothesis.
+"""Property tests of the streaming JSONL validator (``batchd.protocol.batch_file``) with hypothesis.
 
 Two promises: whatever bytes a client uploads, validation ends in a report (never an
 exception), with only documented error codes and line numbers inside the file; and a file
@@ -17,7 +17,7 @@ import orjson
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batchd import ingest
+from batchd.protocol import batch_file as ingest
 from batchd.protocol.openai import SUPPORTED_BATCH_ENDPOINTS
 
 # The codes README.md documents for validation errors.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from batchd.engines import llama_model
+from batchd.engines.llamacpp import model_files as llama_model
 
 
 def test_amx_is_read_from_the_cpu_flags(tmp_path: Path) -> None:

@@ -5,15 +5,16 @@ from pathlib import Path
 
 import pytest
 
-from batchd import registry
-from batchd.engines.openai_http import _StreamUsage
-from batchd.engines.upstream import (
+from batchd.engines import registry
+from batchd.engines.openai_http.engine import _StreamUsage
+from batchd.engines.openai_http.upstream import (
     PoolSlots,
     TokenBucket,
     Upstream,
     is_retryable_status,
     parse_retry_after,
 )
+from batchd.errors import ConfigError
 
 GOOD = """
 [llamacpp]
@@ -71,14 +72,14 @@ def test_a_good_registry_parses_and_reads_the_key_from_the_environment() -> None
     ],
 )
 def test_config_errors_name_the_key_or_line(text: str, environ: dict[str, str], named: str) -> None:
-    with pytest.raises(registry.ConfigError) as excinfo:
+    with pytest.raises(ConfigError) as excinfo:
         registry.parse(text, source="t.toml", environ=environ)
     assert named in str(excinfo.value)
     assert str(excinfo.value).startswith("t.toml")
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(registry.ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read"):
         registry.load(tmp_path / "nope.toml")
 
 

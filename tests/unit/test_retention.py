@@ -7,14 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from batchd import ids, message_batches, retention
-from batchd.blobs import DirectoryBlobStore
+from batchd import ids
+from batchd.blobs.local import DirectoryBlobStore
+from batchd.clock import now
 from batchd.config import Settings
 from batchd.errors import IdempotencyKeyTaken, NotFound
-from batchd.ingest import RequestLine
 from batchd.protocol import anthropic as am
+from batchd.protocol.batch_file import RequestLine
 from batchd.scheduler.finalize import finalize_batch
-from batchd.service import Services
+from batchd.service import message_batches, retention
+from batchd.service.core import Services
 from batchd.store import database
 from batchd.store.records import (
     BatchStatus,
@@ -23,7 +25,7 @@ from batchd.store.records import (
     RequestOutcome,
     RequestState,
 )
-from batchd.store.store import Store, now
+from batchd.store.store import Store
 
 DAY = 24 * 3600
 

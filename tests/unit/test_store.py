@@ -5,11 +5,12 @@ from pathlib import Path
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from batchd.ingest import RequestLine
+from batchd.clock import now
+from batchd.protocol.batch_file import RequestLine
 from batchd.store import database
 from batchd.store.records import BatchStatus, RequestOutcome, RequestState
 from batchd.store.schema import metadata
-from batchd.store.store import Store, now
+from batchd.store.store import Store
 
 
 def make_store(tmp_path: Path) -> Store:

@@ -13,15 +13,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from batchd import idempotency, message_batches, service
-from batchd.api import openapi_bodies
+from batchd.api import openapi_schemas
 from batchd.api.auth import Tenant
-from batchd.api.bodies import read_json
 from batchd.api.deps import ServicesDep, read
+from batchd.api.json_body import read_json
 from batchd.api.responses import JSONResponse
 from batchd.errors import InvalidRequest
 from batchd.protocol import anthropic as am
-from batchd.service import Services
+from batchd.service import core as service
+from batchd.service import idempotency, message_batches
+from batchd.service.core import Services
 from batchd.store.records import BatchRecord
 
 router = APIRouter()
@@ -33,7 +34,7 @@ def _base_url(request: Request, services: Services) -> str:
     return services.settings.public_url or str(request.base_url)
 
 
-@router.post("/v1/messages/batches", openapi_extra=openapi_bodies.CREATE_MESSAGE_BATCH)
+@router.post("/v1/messages/batches", openapi_extra=openapi_schemas.CREATE_MESSAGE_BATCH)
 async def create_message_batch(
     request: Request, tenant: Tenant, services: ServicesDep
 ) -> dict[str, Any]:

@@ -11,24 +11,24 @@ from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
-from batchd import retention
 from batchd.api import (
     anthropic_batches,
-    anthropic_messages,
+    anthropic_realtime,
     errors,
     openai_batches,
     openai_files,
-    realtime,
+    openai_realtime,
 )
 from batchd.api.auth import AuthMiddleware
 from batchd.api.http_metrics import HttpMetricsMiddleware, metrics_endpoint
 from batchd.api.keyring import KeyRing
-from batchd.api.polling import PollingFastPath
+from batchd.api.poll_fast_path import PollingFastPath
 from batchd.api.request_id import RequestIdMiddleware
 from batchd.api.responses import JSONResponse
 from batchd.engines.base import LocalComputeEngine
 from batchd.loop_pacing import LoopPacer
-from batchd.service import Services, install_metrics
+from batchd.service import retention
+from batchd.service.core import Services, install_metrics
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,12 @@ def create_app(services: Services) -> FastAPI:
 
     app.include_router(openai_files.router)
     app.include_router(openai_batches.router)
-    app.include_router(realtime.router)
+    app.include_router(openai_realtime.router)
     app.include_router(anthropic_batches.router)
-    app.include_router(anthropic_messages.router)
+    app.include_router(anthropic_realtime.router)
     return app
 
 
 def asgi_app(services: Services) -> PollingFastPath:
-    """What the server serves: the app behind the polling fast path (api/polling.py)."""
+    """What the server serves: the app behind the polling fast path (api/poll_fast_path.py)."""
     return PollingFastPath(create_app(services))

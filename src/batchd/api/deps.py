@@ -12,7 +12,7 @@ from typing import Annotated, ParamSpec, TypeVar
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from batchd.service import Services
+from batchd.service.core import Services
 
 P = ParamSpec("P")
 T = TypeVar("T")

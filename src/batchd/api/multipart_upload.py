@@ -9,8 +9,8 @@ from typing import Any
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
-from batchd.api.bodies import iter_body
-from batchd.blobs import BlobStore, BlobWriter
+from batchd.api.json_body import iter_body
+from batchd.blobs.base import BlobStore, Writer
 from batchd.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
 
 MAX_FIELD_BYTES = 4096
@@ -21,7 +21,7 @@ MAX_FIELDS = 16
 class Upload:
     fields: dict[str, str] = field(default_factory=dict)
     filename: str | None = None
-    blob: BlobWriter | None = None
+    blob: Writer | None = None
     file_complete: bool = False  # the file part's closing boundary arrived
 
     def abort(self) -> None:

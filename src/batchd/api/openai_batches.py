@@ -6,13 +6,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 
-from batchd import idempotency, service
-from batchd.api import openapi_bodies
+from batchd.api import openapi_schemas
 from batchd.api.auth import Tenant
-from batchd.api.bodies import read_json
 from batchd.api.deps import ServicesDep, read
+from batchd.api.json_body import read_json
 from batchd.api.responses import JSONResponse
 from batchd.protocol import openai as oa
+from batchd.service import core as service
+from batchd.service import idempotency
 
 router = APIRouter()
 
@@ -23,7 +24,7 @@ async def _json_body(request: Request) -> Any:
     return await read_json(request, MAX_CREATE_BODY_BYTES)
 
 
-@router.post("/v1/batches", openapi_extra=openapi_bodies.CREATE_BATCH)
+@router.post("/v1/batches", openapi_extra=openapi_schemas.CREATE_BATCH)
 async def create_batch(request: Request, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
     key = idempotency.key_of(request.headers)
     body = await _json_body(request)

@@ -8,20 +8,22 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from batchd import failpoints, idempotency, service
-from batchd.api import openapi_bodies
+from batchd import failpoints
+from batchd.api import openapi_schemas
 from batchd.api.auth import Tenant
 from batchd.api.deps import ServicesDep
 from batchd.api.multipart_upload import parse_upload
 from batchd.errors import InvalidRequest
 from batchd.protocol import openai as oa
+from batchd.service import core as service
+from batchd.service import idempotency
 
 router = APIRouter()
 
 UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
 
-@router.post("/v1/files", openapi_extra=openapi_bodies.upload_body(UPLOAD_PURPOSES))
+@router.post("/v1/files", openapi_extra=openapi_schemas.upload_body(UPLOAD_PURPOSES))
 async def upload_file(request: Request, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
     key = idempotency.key_of(request.headers)  # a bad header is refused before the upload is read
     upload = await parse_upload(request, services.blobs, services.settings.max_upload_bytes)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from batchd import registry
 from batchd.config import Settings
+from batchd.engines import registry
 from batchd.engines.base import Engine
 
 
@@ -28,7 +28,7 @@ def build_engine(settings: Settings) -> Engine:
         from batchd.engines.fake import FakeEngine
 
         return FakeEngine(step_seconds=settings.fake_step_seconds, max_seqs=settings.max_seqs)
-    from batchd.engines.llamacpp_engine import LlamaCppEngine
+    from batchd.engines.llamacpp.engine import LlamaCppEngine
 
     return LlamaCppEngine(
         models=parse_model_specs(settings.models),
@@ -44,14 +44,14 @@ def build_engine(settings: Settings) -> Engine:
 def build_from_registry(reg: registry.Registry, settings: Settings) -> Engine:
     """A router over one embedded engine (every ``llamacpp`` model, sharing its decode
     threads and KV cache) and one ``openai-http`` engine per upstream model."""
-    from batchd.engines.openai_http import OpenAIHttpEngine
+    from batchd.engines.openai_http.engine import OpenAIHttpEngine
     from batchd.engines.router import RouterEngine
 
     engines: list[Engine] = []
     embedded = reg.llamacpp_models()
     if embedded:
-        from batchd.engines.llama_model import bundled_gguf
-        from batchd.engines.llamacpp_engine import LlamaCppEngine
+        from batchd.engines.llamacpp.engine import LlamaCppEngine
+        from batchd.engines.llamacpp.model_files import bundled_gguf
 
         options = reg.llamacpp
         engine = LlamaCppEngine(

@@ -13,9 +13,10 @@ import logging
 import orjson
 
 from batchd import failpoints, ids
-from batchd.blobs import BlobStore, Writer
+from batchd.blobs.base import BlobStore, Writer
+from batchd.clock import now
 from batchd.store.records import BatchRecord, BatchStatus, FileRecord, RequestState
-from batchd.store.store import Store, now
+from batchd.store.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from batchd import metrics
-from batchd.blobs import BlobStore
+from batchd.blobs.base import BlobStore
+from batchd.clock import now
 from batchd.config import Settings
 from batchd.engines.base import Engine, RetryLater
 from batchd.scheduler.execute import RunContext, execute
@@ -31,7 +32,7 @@ from batchd.store.records import (
     RequestOutcome,
     RequestState,
 )
-from batchd.store.store import Store, now
+from batchd.store.store import Store
 
 log = logging.getLogger(__name__)
 

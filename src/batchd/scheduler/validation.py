@@ -12,9 +12,9 @@ import logging
 
 import orjson
 
-from batchd import ingest
-from batchd.blobs import BlobStore
+from batchd.blobs.base import BlobStore
 from batchd.config import Settings
+from batchd.protocol import batch_file as ingest
 from batchd.store.records import BatchStatus
 from batchd.store.store import Store
 

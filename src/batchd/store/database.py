@@ -13,14 +13,10 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from batchd.errors import BatchdError
+from batchd.errors import DatabaseUrlError
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
-
-
-class DatabaseUrlError(BatchdError):
-    """A --database-url we cannot use (named in the message, password hidden)."""
 
 
 # How every SQLite connection is opened, the pool's and the pollers' own (polling.py).

@@ -21,9 +21,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql.elements import TextClause
 
 from batchd import failpoints
+from batchd.clock import now
 from batchd.errors import IdempotencyKeyTaken
-from batchd.ingest import RequestLine
-from batchd.store import polling, schema
+from batchd.protocol.batch_file import RequestLine
+from batchd.store import poll_reads, schema
 from batchd.store.records import (
     TERMINAL_BATCH_STATUSES,
     BatchRecord,
@@ -107,14 +108,10 @@ def _advisory_key(name: str) -> int:
     return unsigned - (1 << 32) if unsigned >= 1 << 31 else unsigned
 
 
-def now() -> int:
-    return int(time.time())
-
-
 class Store:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._reads = polling.ReadConnections(engine)
+        self._reads = poll_reads.ReadConnections(engine)
         self._ended_stats = _EndedStats()
         self._recent_stats = _RecentStats()
 
@@ -198,10 +195,12 @@ class Store:
         dialect = self.engine.dialect
         with self._reads.connection(poller=poller) as dbapi:
             if tenant is None:
-                rows = polling.batch_rows(dbapi, dialect, polling.BATCH_BY_ID, {"id": batch_id})
+                rows = poll_reads.batch_rows(
+                    dbapi, dialect, poll_reads.BATCH_BY_ID, {"id": batch_id}
+                )
             else:
                 params = {"id": batch_id, "tenant": tenant}
-                rows = polling.batch_rows(dbapi, dialect, polling.TENANT_BATCH_BY_ID, params)
+                rows = poll_reads.batch_rows(dbapi, dialect, poll_reads.TENANT_BATCH_BY_ID, params)
         if not rows:
             return None
         record = _batch_record(rows[0])
@@ -225,21 +224,21 @@ class Store:
         dialect = self.engine.dialect
         with self._reads.connection(poller=stats_max_age > 0) as dbapi:
             if after or before:
-                found = polling.fetch(
+                found = poll_reads.fetch(
                     dbapi,
                     dialect,
-                    polling.TENANT_BATCH_SEQ,
+                    poll_reads.TENANT_BATCH_SEQ,
                     {"id": after or before, "tenant": tenant},
                 )
                 if not found:
                     return [], False
                 params["cursor"] = found[0][0]
             if before and not after:
-                rows = polling.batch_rows(dbapi, dialect, polling.PAGE_NEWER, params)
+                rows = poll_reads.batch_rows(dbapi, dialect, poll_reads.PAGE_NEWER, params)
                 page = list(reversed(rows[:limit]))
             else:
-                statement = polling.PAGE_OLDER if after else polling.PAGE
-                rows = polling.batch_rows(dbapi, dialect, statement, params)
+                statement = poll_reads.PAGE_OLDER if after else poll_reads.PAGE
+                rows = poll_reads.batch_rows(dbapi, dialect, statement, params)
                 page = rows[:limit]
         records = [_batch_record(r) for r in page]
         self._attach_stats(records, stats_max_age)
@@ -857,7 +856,10 @@ class Store:
             if cached is None:
                 missing[record.id] = record
             else:
-                record.counts, record.usage = polling.copied(cached[0]), polling.copied(cached[1])
+                record.counts, record.usage = (
+                    poll_reads.copied(cached[0]),
+                    poll_reads.copied(cached[1]),
+                )
         if not missing:
             return
         for record in missing.values():
@@ -872,7 +874,7 @@ class Store:
                     input_tokens=row.prompt, cached_tokens=row.cached, output_tokens=row.completion
                 )
         for record in missing.values():
-            item = (polling.copied(record.counts), polling.copied(record.usage))
+            item = (poll_reads.copied(record.counts), poll_reads.copied(record.usage))
             if record.status in TERMINAL_BATCH_STATUSES:
                 self._ended_stats.put(record.id, item)
             else:

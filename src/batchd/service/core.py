@@ -8,7 +8,8 @@ from typing import Any
 import orjson
 
 from batchd import ids, metrics
-from batchd.blobs import BlobStore
+from batchd.blobs.base import BlobStore
+from batchd.clock import now
 from batchd.config import Settings
 from batchd.engines.base import Engine
 from batchd.errors import Conflict, InvalidRequest, LimitExceeded, NotFound
@@ -16,7 +17,7 @@ from batchd.loop_pacing import REALTIME_HOLD_SECONDS, LoopPacer
 from batchd.protocol import openai as oa
 from batchd.scheduler.runner import Scheduler
 from batchd.store.records import BatchRecord, BatchStatus, FileRecord, IdempotencyKey
-from batchd.store.store import Store, now
+from batchd.store.store import Store
 
 
 @dataclass

@@ -7,7 +7,8 @@ from typing import Annotated
 
 import typer
 
-from batchd import cli_client, cli_db
+from batchd.cli import client as cli_client
+from batchd.cli import db as cli_db
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="A self-hosted Batch API.")
 
@@ -115,17 +116,17 @@ def serve(
 
 
 def _start(role: str, overrides: dict[str, object], *, drain: bool = False) -> None:
-    from batchd import registry
     from batchd.api.keyring import KeysFileError
     from batchd.config import Settings
-    from batchd.errors import BatchdError
-    from batchd.server import serve as run_server
+    from batchd.engines import registry
+    from batchd.errors import BatchdError, ConfigError
+    from batchd.runtime import serve as run_server
 
     config = overrides.get("config")
     if isinstance(config, Path):
         try:
             registry.load(config)  # fail before binding anything, with the key named
-        except registry.ConfigError as exc:
+        except ConfigError as exc:
             typer.echo(f"batchd: {exc}", err=True)
             raise typer.Exit(2) from None
     # Options not given stay unset, so their BATCHD_* variables (or defaults) apply.
@@ -237,12 +238,13 @@ def engines_check(
     from rich.console import Console
     from rich.table import Table
 
-    from batchd import registry
-    from batchd.engines_check import check
+    from batchd.engines import registry
+    from batchd.engines.check import check
+    from batchd.errors import ConfigError
 
     try:
         reg = registry.load(config)
-    except registry.ConfigError as exc:
+    except ConfigError as exc:
         typer.echo(f"batchd: {exc}", err=True)
         raise typer.Exit(2) from None
     probes = asyncio.run(check(reg))

@@ -24,10 +24,12 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from batchd import idempotency, ids
-from batchd.blobs import BlobStore
+from batchd import ids
+from batchd.blobs.base import BlobStore
+from batchd.clock import now
 from batchd.config import Settings
-from batchd.store.store import Store, now
+from batchd.service import idempotency
+from batchd.store.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import orjson
 
-from batchd.jsonstrict import duplicate_key, nesting_depth
+from batchd.protocol.jsonstrict import duplicate_key, nesting_depth
 from batchd.protocol.openai import SUPPORTED_BATCH_ENDPOINTS, routing_field
 
 _BOM = b"\xef\xbb\xbf"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from batchd.registry import LlamaCppModel, Registry
+from batchd.engines.registry import LlamaCppModel, Registry
 
 PROBE_TIMEOUT_SECONDS = 10.0
 

@@ -13,15 +13,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from batchd import ids
-from batchd.api import openapi_bodies
+from batchd.api import openapi_schemas
 from batchd.api.auth import Tenant
-from batchd.api.bodies import read_json
 from batchd.api.deps import ServicesDep
+from batchd.api.json_body import read_json
 from batchd.engines.base import Priority, StreamDelta
 from batchd.errors import BatchdError
 from batchd.protocol import anthropic as am
 from batchd.scheduler.execute import resolve
-from batchd.service import note_realtime
+from batchd.service.core import note_realtime
 
 router = APIRouter()
 
@@ -118,7 +118,7 @@ async def _events(
         await _aclose(rest)
 
 
-@router.post("/v1/messages", openapi_extra=openapi_bodies.CREATE_MESSAGE)
+@router.post("/v1/messages", openapi_extra=openapi_schemas.CREATE_MESSAGE)
 async def create_message(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
     note_realtime(services)
     body = await read_json(request, MAX_MESSAGES_BODY_BYTES)

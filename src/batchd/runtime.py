@@ -15,31 +15,20 @@ from typing import IO, Literal
 import prometheus_client
 import uvicorn
 
-from batchd import retention
 from batchd.api.app import asgi_app
 from batchd.api.http_limits import bounded_http_protocol
-from batchd.blobs import BlobStore, DirectoryBlobStore
+from batchd.blobs.base import BlobStore
+from batchd.blobs.local import DirectoryBlobStore
 from batchd.config import Settings
 from batchd.engines.factory import build_engine
-from batchd.errors import BatchdError
+from batchd.errors import DataDirLocked, InsecureBind, NeedsSharedDatabase
 from batchd.scheduler.runner import Scheduler
-from batchd.service import Services, install_metrics
+from batchd.service import retention
+from batchd.service.core import Services, install_metrics
 from batchd.store import database
 from batchd.store.store import Store
 
 log = logging.getLogger("batchd")
-
-
-class DataDirLocked(BatchdError):
-    pass
-
-
-class InsecureBind(BatchdError):
-    pass
-
-
-class NeedsSharedDatabase(BatchdError):
-    pass
 
 
 Role = Literal["all", "api", "worker"]
@@ -74,7 +63,7 @@ def open_blobs(settings: Settings) -> BlobStore:
     """The file-byte store the settings name: a directory, or an S3-compatible bucket."""
     if settings.files_url is None:
         return DirectoryBlobStore(settings.files_dir)
-    from batchd.blobs_s3 import S3BlobStore
+    from batchd.blobs.s3 import S3BlobStore
 
     s3 = S3BlobStore(settings.files_url, endpoint_url=settings.s3_endpoint_url)
     s3.check_reachable()

@@ -10,7 +10,7 @@ import orjson
 from fastapi import Request
 
 from batchd.errors import InvalidRequest, PayloadTooLarge, RequestTimeout
-from batchd.jsonstrict import duplicate_key, nesting_depth
+from batchd.protocol.jsonstrict import duplicate_key, nesting_depth
 
 # Bodies up to this size are parsed on the event loop; larger ones in a thread, so one big
 # create does not stall every other request for the duration of the parse.

@@ -48,7 +48,7 @@ from batchd.engines.base import (
     Priority,
     StreamDelta,
 )
-from batchd.engines.llama_model import (
+from batchd.engines.llamacpp.model_files import (
     ModelSpec,
     model_params,
     model_specs,

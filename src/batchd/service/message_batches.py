@@ -17,10 +17,11 @@ from typing import Any
 import orjson
 
 from batchd import failpoints, ids
+from batchd.clock import now
 from batchd.errors import Conflict, InvalidRequest, NotFound
-from batchd.ingest import RequestLine, prefix_key
 from batchd.protocol import anthropic as am
-from batchd.service import (
+from batchd.protocol.batch_file import RequestLine, prefix_key
+from batchd.service.core import (
     Services,
     cancel_batch,
     check_tenant_capacity,
@@ -33,7 +34,6 @@ from batchd.store.records import (
     BatchStatus,
     IdempotencyKey,
 )
-from batchd.store.store import now
 
 log = logging.getLogger(__name__)
 

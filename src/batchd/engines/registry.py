@@ -34,13 +34,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from batchd.errors import BatchdError
+from batchd.errors import ConfigError
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
-
-
-class ConfigError(BatchdError):
-    """A malformed registry file, or one naming an environment variable that is not set."""
 
 
 class _Strict(BaseModel):

@@ -43,9 +43,15 @@ from batchd.engines.base import (
     RetryLater,
     StreamDelta,
 )
-from batchd.engines.upstream import PoolSlots, Retryable, Upstream, classify, transport_failure
+from batchd.engines.openai_http.upstream import (
+    PoolSlots,
+    Retryable,
+    Upstream,
+    classify,
+    transport_failure,
+)
+from batchd.engines.registry import OpenAIHttpModel
 from batchd.errors import EngineError, UpstreamError
-from batchd.registry import OpenAIHttpModel
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,13 @@ DataDir = Annotated[
 
 def _open(database_url: str | None, data_dir: Path):  # type: ignore[no-untyped-def]
     from batchd.config import Settings
+    from batchd.errors import DatabaseUrlError
     from batchd.store import database
 
     settings = Settings(data_dir=data_dir, database_url=database_url)
     try:
         return database.open_database(settings.database_url, settings.database_path)
-    except database.DatabaseUrlError as exc:
+    except DatabaseUrlError as exc:
         typer.echo(f"batchd: {exc}", err=True)
         raise typer.Exit(2) from None
 

@@ -1,12 +1,5 @@
-"""Where file bytes live: server-named blobs in a directory (``<data_dir>/files`` by default,
-a shared volume for many processes) or, with ``BATCHD_FILES_URL=s3://bucket/prefix``, in
-S3-compatible object storage (``batchd.blobs_s3``).
-
-Every blob is complete and durable before the database row that points at it is committed,
-so a committed row never points at a partial file: in a directory it is written to a
-temporary name, fsynced, renamed into place and the directory fsynced. Client filenames are
-metadata only and never name a blob.
-"""
+"""Blobs in a directory: each is written to a temporary name, fsynced, renamed into place and
+the directory fsynced, so a committed row never points at a partial file."""
 
 from __future__ import annotations
 
@@ -15,38 +8,11 @@ import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO
 
-CHUNK_BYTES = 1024 * 1024
+from batchd.blobs.base import CHUNK_BYTES, check_name
+
 _TMP_PREFIX = "tmp-"
-
-
-class Writer(Protocol):
-    """Append bytes, then ``commit()`` to get the durable blob name (or ``abort()``)."""
-
-    size: int
-    sha256: hashlib._Hash
-
-    def write(self, data: bytes) -> None: ...
-    def commit(self) -> str: ...
-    def abort(self) -> None: ...
-
-
-class BlobStore(Protocol):
-    """What the API and the scheduler need of a place for file bytes."""
-
-    def new_writer(self) -> Writer: ...
-    def open(self, name: str) -> IO[bytes]: ...
-    def iter_bytes(self, name: str, chunk: int = CHUNK_BYTES) -> Iterator[bytes]: ...
-    def delete(self, name: str) -> None: ...
-    def remove_orphans(self, referenced: set[str], *, older_than: float | None = None) -> int: ...
-
-
-def check_name(name: str) -> str:
-    """Blob names are ours (hex tokens); refuse anything that could leave the store."""
-    if "/" in name or name.startswith(".") or not name:
-        raise ValueError(f"invalid blob name {name!r}")
-    return name
 
 
 class DirectoryBlobStore:

@@ -19,15 +19,11 @@ from collections.abc import Iterator
 from typing import IO, Any
 from urllib.parse import urlparse
 
-from batchd.blobs import CHUNK_BYTES, check_name
-from batchd.errors import BatchdError
+from batchd.blobs.base import CHUNK_BYTES, check_name
+from batchd.errors import BlobUrlError
 
 # Uploads are spooled here until commit: in memory up to this size, then on local disk.
 SPOOL_MEMORY_BYTES = 8 * 1024 * 1024
-
-
-class BlobUrlError(BatchdError):
-    """A BATCHD_FILES_URL we cannot use (named in the message)."""
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:

@@ -18,10 +18,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from batchd import ids
-from batchd.api import openapi_bodies
+from batchd.api import openapi_schemas
 from batchd.api.auth import Tenant
-from batchd.api.bodies import read_json
 from batchd.api.deps import ServicesDep
+from batchd.api.json_body import read_json
 from batchd.engines.base import (
     Engine,
     ForwardRequest,
@@ -33,7 +33,7 @@ from batchd.engines.base import (
 from batchd.errors import InvalidRequest, ModelNotFound
 from batchd.protocol import openai as oa
 from batchd.scheduler.execute import resolve
-from batchd.service import note_realtime
+from batchd.service.core import note_realtime
 
 router = APIRouter()
 
@@ -120,19 +120,19 @@ async def _handle(request: Request, endpoint: str, engine: Engine) -> Any:
     return oa.response_body(endpoint, parsed.model, result)
 
 
-@router.post("/v1/chat/completions", openapi_extra=openapi_bodies.CHAT_COMPLETION)
+@router.post("/v1/chat/completions", openapi_extra=openapi_schemas.CHAT_COMPLETION)
 async def chat_completions(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
     note_realtime(services)
     return await _handle(request, "/v1/chat/completions", services.engine)
 
 
-@router.post("/v1/completions", openapi_extra=openapi_bodies.COMPLETION)
+@router.post("/v1/completions", openapi_extra=openapi_schemas.COMPLETION)
 async def completions(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
     note_realtime(services)
     return await _handle(request, "/v1/completions", services.engine)
 
 
-_EMBEDDINGS_BODY = openapi_bodies.json_body(
+_EMBEDDINGS_BODY = openapi_schemas.json_body(
     {
         "type": "object",
         "properties": {
