@@ -29,7 +29,7 @@ keeps so its records stay comparable) and admits 2 x ``BATCHD_MAX_SEQS`` request
 
 Each arm first runs a small warm-up batch, then the measured one. The PostgreSQL arms are
 skipped, with a message, if the server named by BATCHD_TEST_POSTGRES_URL (default: the local
-one, trust auth, as tests/pg.py) is unreachable. Every process is stopped and every database
+one, trust auth, as tests/support/pg.py) is unreachable. Every process is stopped and every database
 dropped at the end.
 
     .venv/bin/python bench/bench_scale.py [--n 5000] [--workers 1,2,4] [--sim-tokens 16]

@@ -27,8 +27,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' helpers
 
-from tests.faultproxy import FaultProxy
-from tests.upstreamproc import UPSTREAM_MODEL, llama_server
+from tests.support.faultproxy import FaultProxy
+from tests.support.upstreamproc import UPSTREAM_MODEL, llama_server
 
 from _harness import append_record, machine, run_batch, server, small_chat_workload
 

@@ -1,117 +1,17 @@
+"""Fixtures every test folder may use."""
+
 from __future__ import annotations
 
-import contextlib
-import json
-import time
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
-import httpx
-import openai
 import pytest
 
-from tests.serverproc import ServerProcess, running_server
-
-API_KEY = "test-key-alpha"
-OTHER_KEY = "test-key-beta"
-TERMINAL = ("completed", "failed", "expired", "cancelled")
-
-
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One real server (real engine, bundled model) shared by the tests that only need one."""
-    data_dir = tmp_path_factory.mktemp("batchd-data")
-    with running_server(data_dir, BATCHD_API_KEYS=f"{API_KEY},{OTHER_KEY}") as srv:
-        yield srv
-
-
-@contextlib.contextmanager
-def keyed_server(tmp_path_factory: pytest.TempPathFactory, name: str) -> Iterator[ServerProcess]:
-    """A server of a module's own, with this suite's two keys: for tests that count or compare
-    and must not see another test's work."""
-    with running_server(
-        tmp_path_factory.mktemp(name), BATCHD_API_KEYS=f"{API_KEY},{OTHER_KEY}"
-    ) as srv:
-        yield srv
+from tests.support.pg import fresh_database
 
 
 @pytest.fixture()
-def client(server: ServerProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.openai_base_url, api_key=API_KEY, max_retries=0)
-
-
-def chat_line(
-    custom_id: str, content: str, *, max_tokens: int = 8, model: str = "default", **body: Any
-) -> dict[str, Any]:
-    return {
-        "custom_id": custom_id,
-        "method": "POST",
-        "url": "/v1/chat/completions",
-        "body": {
-            "model": model,
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": max_tokens,
-            "temperature": 0,
-            **body,
-        },
-    }
-
-
-def jsonl(lines: list[dict[str, Any]]) -> bytes:
-    return ("\n".join(json.dumps(line) for line in lines) + "\n").encode()
-
-
-def upload(
-    client: openai.OpenAI, lines: list[dict[str, Any]] | bytes, name: str = "input.jsonl"
-) -> str:
-    data = lines if isinstance(lines, bytes) else jsonl(lines)
-    return client.files.create(file=(name, data), purpose="batch").id
-
-
-def wait_for(
-    client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...] = TERMINAL, timeout: float = 300
-) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        batch = client.batches.retrieve(batch_id)
-        if batch.status in statuses:
-            return batch
-        if time.monotonic() > deadline:
-            raise AssertionError(f"batch {batch_id} still {batch.status} after {timeout}s")
-        time.sleep(0.3)
-
-
-def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
-    if file_id is None:
-        return []
-    text = client.files.content(file_id).text
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-@pytest.fixture()
-def data_dir(tmp_path: Path) -> Path:
-    return tmp_path / "data"
-
-
-def create_message_batch(url: str, custom_id: str = "m0", *, key: str = API_KEY) -> str:
-    """A one-request Anthropic message batch (max_tokens 2) over plain HTTP; its id."""
-    created = httpx.post(
-        f"{url}/v1/messages/batches",
-        headers={"authorization": f"Bearer {key}"},
-        json={
-            "requests": [
-                {
-                    "custom_id": custom_id,
-                    "params": {
-                        "model": "default",
-                        "max_tokens": 2,
-                        "messages": [{"role": "user", "content": "Hi."}],
-                    },
-                }
-            ]
-        },
-        timeout=30,
-    )
-    assert created.status_code == 200, created.text
-    return str(created.json()["id"])
+def postgres_url() -> Iterator[str]:
+    """A fresh PostgreSQL database of its own for the test (skipped, saying why, where no
+    PostgreSQL server is reachable)."""
+    with fresh_database() as url:
+        yield url

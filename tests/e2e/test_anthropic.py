@@ -14,8 +14,8 @@ import anthropic
 import httpx
 import pytest
 
-from tests.conftest import API_KEY, OTHER_KEY
-from tests.serverproc import ServerProcess
+from tests.support.helpers import API_KEY, OTHER_KEY
+from tests.support.serverproc import ServerProcess
 
 BATCH_KEYS = {
     "id", "type", "processing_status", "request_counts", "ended_at", "created_at", "expires_at",

@@ -18,8 +18,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import chat_line, upload
-from tests.serverproc import ServerProcess, free_port, running_server
+from tests.support.helpers import chat_line, upload
+from tests.support.serverproc import ServerProcess, free_port, running_server
 
 ALPHA_1, ALPHA_2, BETA, ENV_KEY = "alpha-key-one", "alpha-key-two", "beta-key-0001", "env-key-0001"
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import openai
 
-from tests.conftest import API_KEY, chat_line, jsonl, wait_for
-from tests.serverproc import ServerProcess, free_port
+from tests.support.helpers import API_KEY, chat_line, jsonl, wait_for
+from tests.support.serverproc import ServerProcess, free_port
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

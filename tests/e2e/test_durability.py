@@ -10,8 +10,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.conftest import chat_line, read_jsonl, upload, wait_for
-from tests.serverproc import ServerProcess, running_server
+from tests.support.helpers import chat_line, read_jsonl, upload, wait_for
+from tests.support.serverproc import ServerProcess, running_server
 
 pytestmark = pytest.mark.slow
 

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, settings
 from batchd.api.app import create_app
 from batchd.config import Settings
 from batchd.service.core import Services
-from tests.serverproc import ServerProcess, running_server
+from tests.support.serverproc import ServerProcess, running_server
 
 FUZZ_KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {FUZZ_KEY}"}

@@ -24,8 +24,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import chat_line, jsonl, read_jsonl, upload, wait_for
-from tests.serverproc import ServerProcess, running_server
+from tests.support.helpers import chat_line, jsonl, read_jsonl, upload, wait_for
+from tests.support.serverproc import ServerProcess, running_server
 
 KEY, BYSTANDER_KEY = "hostile-key-0001", "bystander-key-01"
 WRONG_KEY = "presented-but-wrong-key-0001"  # sent by the last test; must never be logged

@@ -12,8 +12,8 @@ import time
 
 import openai
 
-from tests.conftest import API_KEY
-from tests.serverproc import ServerProcess
+from tests.support.helpers import API_KEY
+from tests.support.serverproc import ServerProcess
 
 REFUSED_WITHIN_SECONDS = 5
 

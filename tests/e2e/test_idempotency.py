@@ -10,8 +10,8 @@ import anthropic
 import openai
 import pytest
 
-from tests.conftest import API_KEY, OTHER_KEY, chat_line, jsonl
-from tests.serverproc import ServerProcess
+from tests.support.helpers import API_KEY, OTHER_KEY, chat_line, jsonl
+from tests.support.serverproc import ServerProcess
 
 
 def fresh_key() -> dict[str, str]:

@@ -28,9 +28,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, chat_line, jsonl, upload
-from tests.pg import postgres_url  # noqa: F401  (the fixture)
-from tests.serverproc import ServerProcess, free_port
+from tests.support.helpers import API_KEY, chat_line, jsonl, upload
+from tests.support.serverproc import ServerProcess, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -255,7 +254,7 @@ PG_CASES = [
 
 @pytest.mark.parametrize(("surface_name", "failpoint"), PG_CASES)
 def test_kill9_mid_create_on_one_replica_then_the_other_returns_the_one_object(
-    postgres_url: str,  # noqa: F811
+    postgres_url: str,
     tmp_path: Path,
     surface_name: str,
     failpoint: str,
@@ -307,7 +306,7 @@ def burst(surface: Surface, keys: list[str], urls: list[str]) -> dict[str, list[
 
 
 def test_concurrent_creates_with_one_key_across_replicas_make_one_object(
-    postgres_url: str,  # noqa: F811
+    postgres_url: str,
     tmp_path: Path,
 ) -> None:
     """Twelve keys, each sent four times at once through two replicas: one object per key,

@@ -20,9 +20,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import chat_line, jsonl, upload, wait_for
-from tests.pg import postgres_url  # noqa: F401  (the fixture)
-from tests.serverproc import ServerProcess, free_port, running_server
+from tests.support.helpers import chat_line, jsonl, upload, wait_for
+from tests.support.serverproc import ServerProcess, free_port, running_server
 
 KEY, QUEUE_KEY = "limits-key-0001", "limits-queue-01"
 MAX_UPLOAD_BYTES = 4096
@@ -403,7 +402,7 @@ def _wait_healthy(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
 
 
 def test_racing_creates_across_two_api_replicas_on_postgresql(
-    postgres_url: str,  # noqa: F811
+    postgres_url: str,
     tmp_path: Path,
 ) -> None:
     """Two `batchd api` replicas share one PostgreSQL database and no worker runs, so nothing

@@ -13,7 +13,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import (
+from tests.support.helpers import (
     API_KEY,
     OTHER_KEY,
     chat_line,
@@ -22,7 +22,7 @@ from tests.conftest import (
     upload,
     wait_for,
 )
-from tests.serverproc import ServerProcess, running_server
+from tests.support.serverproc import ServerProcess, running_server
 
 BEARER = {"authorization": f"Bearer {API_KEY}"}
 

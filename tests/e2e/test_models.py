@@ -7,8 +7,8 @@ from pathlib import Path
 import openai
 
 from batchd.engines.llamacpp.model_files import bundled_gguf
-from tests.conftest import chat_line, read_jsonl, upload, wait_for
-from tests.serverproc import running_server
+from tests.support.helpers import chat_line, read_jsonl, upload, wait_for
+from tests.support.serverproc import running_server
 
 
 def test_models_by_path_with_as_is_weights(data_dir: Path) -> None:

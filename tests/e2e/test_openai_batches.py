@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import (
+from tests.support.helpers import (
     API_KEY,
     OTHER_KEY,
     chat_line,
@@ -18,7 +18,7 @@ from tests.conftest import (
     upload,
     wait_for,
 )
-from tests.serverproc import ServerProcess
+from tests.support.serverproc import ServerProcess
 
 BATCH_KEYS = {
     "id", "object", "endpoint", "model", "errors", "input_file_id", "completion_window", "status",

@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import (
+from tests.support.helpers import (
     API_KEY,
     OTHER_KEY,
     chat_line,
@@ -24,7 +24,7 @@ from tests.conftest import (
     upload,
     wait_for,
 )
-from tests.serverproc import ServerProcess
+from tests.support.serverproc import ServerProcess
 
 BEARER = {"authorization": f"Bearer {API_KEY}"}
 # Headers that differ between any two responses: the clock and the fresh request id.

@@ -15,9 +15,8 @@ import openai
 from sqlalchemy import create_engine, inspect, text
 
 from batchd.store import database
-from tests.conftest import chat_line, read_jsonl, upload, wait_for
-from tests.pg import postgres_url  # noqa: F401  (the fixture)
-from tests.serverproc import running_server
+from tests.support.helpers import chat_line, read_jsonl, upload, wait_for
+from tests.support.serverproc import running_server
 
 KEY = "pg-key-000001"
 
@@ -58,7 +57,7 @@ class ConnectionWatcher:
         self._engine.dispose()
 
 
-def test_migrations_upgrade_an_empty_database(postgres_url: str) -> None:  # noqa: F811
+def test_migrations_upgrade_an_empty_database(postgres_url: str) -> None:
     engine = database.open_url(postgres_url)
     assert database.current_revision(engine) is None
     database.upgrade(engine)
@@ -69,7 +68,7 @@ def test_migrations_upgrade_an_empty_database(postgres_url: str) -> None:  # noq
     engine.dispose()
 
 
-def test_migrations_upgrade_a_database_holding_data(postgres_url: str) -> None:  # noqa: F811
+def test_migrations_upgrade_a_database_holding_data(postgres_url: str) -> None:
     engine = database.open_url(postgres_url)
     database.upgrade(engine, "0001")
     with engine.begin() as conn:
@@ -99,7 +98,7 @@ def test_migrations_upgrade_a_database_holding_data(postgres_url: str) -> None: 
     engine.dispose()
 
 
-def test_db_upgrade_command(postgres_url: str, tmp_path: Path) -> None:  # noqa: F811
+def test_db_upgrade_command(postgres_url: str, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "batchd.cli", "db", "upgrade", "--database-url"]
     done = subprocess.run(
         [*command, postgres_url], capture_output=True, text=True, timeout=120, check=False
@@ -117,7 +116,7 @@ def test_db_upgrade_command(postgres_url: str, tmp_path: Path) -> None:  # noqa:
 
 
 def test_server_on_postgres_runs_both_surfaces_and_survives_a_restart(
-    postgres_url: str,  # noqa: F811
+    postgres_url: str,
     tmp_path: Path,
 ) -> None:
     env = {"BATCHD_DATABASE_URL": postgres_url, "BATCHD_API_KEYS": KEY}

@@ -7,7 +7,7 @@ import threading
 import openai
 import pytest
 
-from tests.conftest import chat_line, upload, wait_for
+from tests.support.helpers import chat_line, upload, wait_for
 
 
 def test_chat_completion(client: openai.OpenAI) -> None:

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import chat_line, upload, wait_for
-from tests.serverproc import ServerProcess, running_server
+from tests.support.helpers import chat_line, upload, wait_for
+from tests.support.serverproc import ServerProcess, running_server
 
 KEY = "retention-key-01"
 FILE_RETENTION_SECONDS = 6

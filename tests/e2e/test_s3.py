@@ -22,10 +22,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import chat_line, read_jsonl, upload, wait_for
 from tests.e2e.test_scale_out import Proc, wait_healthy
-from tests.pg import postgres_url  # noqa: F401  (the fixture)
-from tests.serverproc import free_port, running_server
+from tests.support.helpers import chat_line, read_jsonl, upload, wait_for
+from tests.support.serverproc import free_port, running_server
 
 BUCKET = "batchd-files"
 PREFIX = "team-a"
@@ -135,7 +134,7 @@ def test_a_missing_bucket_stops_start_up_naming_it(s3_endpoint: str, tmp_path: P
 @pytest.mark.slow
 def test_api_and_worker_share_only_the_database_and_the_bucket(
     s3_endpoint: str,
-    postgres_url: str,  # noqa: F811
+    postgres_url: str,
     tmp_path: Path,
 ) -> None:
     common = {

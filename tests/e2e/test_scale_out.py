@@ -21,9 +21,8 @@ import openai
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import chat_line, read_jsonl, upload, wait_for
-from tests.pg import postgres_url  # noqa: F401  (the fixture)
-from tests.serverproc import free_port
+from tests.support.helpers import chat_line, read_jsonl, upload, wait_for
+from tests.support.serverproc import free_port
 
 KEY_A, KEY_B = "scale-key-a", "scale-key-b"
 LEASE_SECONDS = 4
@@ -122,7 +121,7 @@ class Cluster:
 
 
 @pytest.fixture()
-def cluster(postgres_url: str, tmp_path: Path) -> Iterator[Cluster]:  # noqa: F811
+def cluster(postgres_url: str, tmp_path: Path) -> Iterator[Cluster]:
     data_dir = tmp_path / "shared"  # the shared volume every process mounts
     env = {
         "BATCHD_DATABASE_URL": postgres_url,
@@ -268,7 +267,7 @@ class Pair:
 
 
 @pytest.fixture()
-def pair(postgres_url: str, tmp_path: Path) -> Iterator[Pair]:  # noqa: F811
+def pair(postgres_url: str, tmp_path: Path) -> Iterator[Pair]:
     env = {
         "BATCHD_DATABASE_URL": postgres_url,
         "BATCHD_DATA_DIR": str(tmp_path / "shared"),

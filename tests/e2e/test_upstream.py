@@ -22,8 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import API_KEY, chat_line, read_jsonl, upload, wait_for
-from tests.faultproxy import (
+from tests.support.faultproxy import (
     FAIL_400_BODY,
     FAIL_400_MARKER,
     Canary,
@@ -33,8 +32,9 @@ from tests.faultproxy import (
     fail_body,
     fail_marker,
 )
-from tests.serverproc import ServerProcess, free_port
-from tests.upstreamproc import UPSTREAM_MODEL, llama_server
+from tests.support.helpers import API_KEY, chat_line, read_jsonl, upload, wait_for
+from tests.support.serverproc import ServerProcess, free_port
+from tests.support.upstreamproc import UPSTREAM_MODEL, llama_server
 
 UPSTREAM_KEY = "sk-upstream-test-key"
 FAULTY_CONCURRENCY = 2

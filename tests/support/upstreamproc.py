@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from batchd.engines.llamacpp.model_files import bundled_gguf
-from tests.serverproc import free_port
+from tests.support.serverproc import free_port
 
 UPSTREAM_MODEL = "smollm2-upstream"
 STARTUP_TIMEOUT_SECONDS = 120

@@ -4,6 +4,7 @@ that need it are skipped with a message saying so, never silently passed."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -18,8 +19,8 @@ ADMIN_URL = os.environ.get(
 )
 
 
-@pytest.fixture()
-def postgres_url() -> Iterator[str]:
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
     admin = create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
