@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     database_pool_size: int = Field(default=10, ge=1)
     database_max_overflow: int = Field(default=10, ge=0)
 
-    # The model registry (TOML, see registry.py). When set, it alone says which models are
+    # The model registry (TOML, see engines/registry.py). When set, it alone says which models are
     # served and by which engine; the embedded-engine settings below are its defaults.
     config: Path | None = None
 
@@ -88,15 +88,15 @@ class Settings(BaseSettings):
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     max_headers: int = Field(default=100, ge=16)
 
-    # Retention (see retention.py): how often it runs, and how long ended batches keep their
+    # Retention (see service/retention.py): how often it runs, and how long ended batches keep their
     # prompts and results (OpenAI: after ending, like the 30-day result files; Anthropic:
     # after creation, 29 days like Anthropic's results).
     retention_interval_seconds: float = 3600
     batch_data_retention_seconds: int = 30 * 24 * 3600
     anthropic_results_retention_seconds: int = 29 * 24 * 3600
     # How long an OpenAI batch input file lives after upload before retention deletes it
-    # (never while a batch that reads it is running). Output and error files still get a
-    # fixed 30 days (scheduler/finalize.py); uploads of other purposes do not expire.
+    # (never while a batch that reads it is running), and its output and error files after
+    # they are written (scheduler/finalize.py); uploads of other purposes do not expire.
     file_retention_seconds: int = Field(default=30 * 24 * 3600, ge=1)
 
     # Scheduling.

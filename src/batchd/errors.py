@@ -180,7 +180,8 @@ class UpstreamError(BatchdError):
     def __init__(self, status_code: int, body: bytes, *, attempts: int = 1) -> None:
         message = f"The upstream server answered {status_code}."
         openai_type = "server_error" if status_code >= 500 else "invalid_request_error"
-        param = code = None
+        param: str | None = None
+        code: str | None = None
         try:
             error = orjson.loads(body).get("error")
         except (orjson.JSONDecodeError, AttributeError):
@@ -188,8 +189,9 @@ class UpstreamError(BatchdError):
         if isinstance(error, dict):
             if isinstance(error.get("message"), str):
                 message = f"The upstream server answered {status_code}: {error['message']}"
-            openai_type = error.get("type") if isinstance(error.get("type"), str) else openai_type
-            param = error.get("param") if isinstance(error.get("param"), str) else None
+            kind, where = error.get("type"), error.get("param")
+            openai_type = kind if isinstance(kind, str) else openai_type
+            param = where if isinstance(where, str) else None
             code = str(error["code"]) if error.get("code") is not None else None
         elif body:
             text = body[:500].decode("utf-8", "replace")

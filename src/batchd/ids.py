@@ -39,10 +39,12 @@ def message_batch_created_ms(message_batch_id: str) -> int | None:
     stamp = message_batch_id[len(prefix) : len(prefix) + 8]
     if not message_batch_id.startswith(prefix) or len(stamp) != 8:
         return None
-    try:
-        return sum(_BASE62.index(c) * 62**i for i, c in enumerate(reversed(stamp)))
-    except ValueError:
-        return None
+    value = 0
+    for digit in stamp:
+        if digit not in _BASE62:
+            return None
+        value = value * 62 + _BASE62.index(digit)
+    return value
 
 
 def batch_request_id() -> str:

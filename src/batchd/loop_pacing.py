@@ -15,7 +15,7 @@ last one: whatever arrived meanwhile (polls, uploads, engine results) is then se
 go, with warm caches, in one wake-up. This is interrupt moderation as network cards do it,
 traded the same way: a little latency for the batch's throughput. It never paces realtime
 work: the engine reports a realtime request as soon as it arrives and for a grace period
-after (``engines/llamacpp_engine.py``), and the loop then runs freely. Nor does it pace any
+after (``engines/llamacpp/``), and the loop then runs freely. Nor does it pace any
 other request: every request but a poll runs inside ``unpaced()`` (api/poll_fast_path.py decides
 what is a poll), because one read or write per interval would throttle a body to a crawl
 (measured: a 53 MB upload beside a running batch took 13.3 s paced, 0.5 s unpaced). An upstream engine

@@ -5,11 +5,14 @@ engine, no HTTP, one per engine)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import ipaddress
 import logging
 import os
 import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import IO, Literal
 
 import prometheus_client
@@ -22,9 +25,10 @@ from batchd.blobs.local import DirectoryBlobStore
 from batchd.config import Settings
 from batchd.engines.factory import build_engine
 from batchd.errors import DataDirLocked, InsecureBind, NeedsSharedDatabase
+from batchd.loop_pacing import LoopPacer
 from batchd.scheduler.runner import Scheduler
 from batchd.service import retention
-from batchd.service.core import Services, install_metrics
+from batchd.service.services import Services, install_metrics
 from batchd.store import database
 from batchd.store.store import Store
 
@@ -86,48 +90,104 @@ def build_services(settings: Settings, role: Role = "all") -> Services:
 
 
 def _shared_database(settings: Settings) -> bool:
-    return bool(settings.database_url) and not settings.database_url.startswith("sqlite")
+    url = settings.database_url
+    return bool(url and not url.startswith("sqlite"))
+
+
+def _pacer(services: Services, role: Role) -> LoopPacer | None:
+    """The loop's wake-up moderation (loop_pacing.py): only where one process serves the
+    polls and runs an engine on its own CPUs (``batchd serve``). An API-only process runs no
+    batch work, a worker serves no polls, and an upstream engine computes elsewhere."""
+    engine = services.engine
+    interval = services.settings.loop_pacing_ms / 1000
+    if role != "all" or interval <= 0 or not engine.computes_locally:
+        return None
+    return LoopPacer(engine.decoding_batch_only, interval)
+
+
+@dataclass(frozen=True)
+class Running:
+    """What ``running`` started."""
+
+    services: Services
+    # The scheduler's loop (None in an API-only process). It ends by itself only when
+    # draining (``batchd worker --drain``); otherwise it runs until ``running`` exits.
+    scheduling: asyncio.Task[None] | None
+
+
+@contextlib.asynccontextmanager
+async def running(services: Services, role: Role, *, drain: bool = False) -> AsyncIterator[Running]:
+    """Start what a process of ``role`` runs beside (or instead of) its HTTP API, and stop it
+    on exit: the gauges, the engine, the scheduler (recovered first) with the retention loop,
+    and the loop pacer. On exit, the scheduler leases nothing more, gives the requests in
+    hand ``shutdown_grace_seconds`` to finish and hands the rest back to the queue; then the
+    engine closes. ``drain``: the scheduler returns once no work is left (a worker's
+    ``--drain``). The app's lifespan and the worker both enter this."""
+    settings = services.settings
+    scheduler = services.scheduler  # None in an API-only process: workers run batches
+    install_metrics(services)
+    if role == "worker" and settings.metrics_port is not None:
+        # The worker has no HTTP API: prometheus_client's own server (a daemon thread).
+        prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host)
+        log.info("metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port)
+    async with contextlib.AsyncExitStack() as stack:  # stops in the reverse order of starts
+        await services.engine.start()
+        stack.push_async_callback(services.engine.close)
+        scheduling: asyncio.Task[None] | None = None
+        if scheduler is not None:
+            await scheduler.recover()
+            scheduling = asyncio.create_task(scheduler.run(drain=drain))
+            background = [
+                scheduling,
+                asyncio.create_task(
+                    retention.run_forever(services.store, services.blobs, settings)
+                ),
+            ]
+            stack.push_async_callback(_stop_scheduling, scheduler, background, settings)
+        pacer = _pacer(services, role)
+        if pacer is not None:
+            pacer.start()
+            services.pacer = pacer
+            stack.callback(pacer.stop)
+        yield Running(services, scheduling)
+
+
+async def _stop_scheduling(
+    scheduler: Scheduler, background: list[asyncio.Task[None]], settings: Settings
+) -> None:
+    await scheduler.stop(settings.shutdown_grace_seconds)
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
 
 
 async def _run_worker(services: Services, *, drain: bool = False) -> None:
     """A worker: the scheduler and the engine until SIGTERM or SIGINT (or, with ``drain``,
-    until no work is left), then a clean stop: it leases nothing more, gives the requests in
-    hand ``shutdown_grace_seconds`` to finish, and hands the rest back to the queue."""
-    scheduler = services.scheduler
-    assert scheduler is not None
-    settings = services.settings
+    until no work is left), then a clean stop (``running``'s)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    install_metrics(services)
-    if settings.metrics_port is not None:
-        # The worker has no HTTP API: prometheus_client's own server (a daemon thread).
-        prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host)
-        log.info("metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port)
-    await services.engine.start()
-    await scheduler.recover()
-    scheduling = asyncio.create_task(scheduler.run(drain=drain))
-    tasks = [
-        scheduling,
-        asyncio.create_task(retention.run_forever(services.store, services.blobs, settings)),
-    ]
-    log.info(
-        "worker %s running%s",
-        scheduler.owner,
-        " (draining: exits when no work is left)" if drain else "",
-        extra={"action": "worker_started"},
-    )
-    signalled = asyncio.create_task(stop.wait())
+    scheduler = services.scheduler
+    assert scheduler is not None
     try:
-        await asyncio.wait({signalled, scheduling}, return_when=asyncio.FIRST_COMPLETED)
+        async with running(services, "worker", drain=drain) as parts:
+            assert parts.scheduling is not None
+            log.info(
+                "worker %s running%s",
+                scheduler.owner,
+                " (draining: exits when no work is left)" if drain else "",
+                extra={"action": "worker_started"},
+            )
+            signalled = asyncio.create_task(stop.wait())
+            try:
+                await asyncio.wait(
+                    {signalled, parts.scheduling}, return_when=asyncio.FIRST_COMPLETED
+                )
+            finally:
+                signalled.cancel()
+                await asyncio.gather(signalled, return_exceptions=True)
     finally:
-        await scheduler.stop(settings.shutdown_grace_seconds)
-        signalled.cancel()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(signalled, *tasks, return_exceptions=True)
-        await services.engine.close()
         log.info("worker %s stopped", scheduler.owner, extra={"action": "worker_stopped"})
 
 
@@ -160,7 +220,7 @@ def serve(settings: Settings, role: Role = "all", *, drain: bool = False) -> Non
             "Set BATCHD_API_KEYS (comma-separated) or --keys-file before exposing this server."
         )
     services = build_services(settings, role)
-    app = asgi_app(services)
+    app = asgi_app(services, lambda: running(services, role))
     try:
         uvicorn.run(
             app,

@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, settings
 
 from batchd.api.app import create_app
 from batchd.config import Settings
-from batchd.service.core import Services
+from batchd.service.services import Services
 from tests.support.serverproc import ServerProcess, running_server
 
 FUZZ_KEY = "fuzz-key"

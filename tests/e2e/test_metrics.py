@@ -112,7 +112,7 @@ def test_metrics_count_a_batch_end_to_end(server: ServerProcess, client: openai.
 
 
 def test_polls_and_lists_are_labelled_by_route_template(server: ServerProcess) -> None:
-    """The polling routes are served on a fast path of their own (api/polling.py); their
+    """The polling routes are served on a fast path of their own (api/poll_fast_path.py); their
     latency still lands under the route's template, for both surfaces."""
     before = scrape(server.url)
     message_batch_id = create_message_batch(server.url, "a0")

@@ -1,4 +1,4 @@
-"""The polling fast path (api/polling.py) answers GET /v1/batches[/{id}] and
+"""The polling fast path (api/poll_fast_path.py) answers GET /v1/batches[/{id}] and
 /v1/messages/batches[/{id}] ahead of the FastAPI app. It must answer exactly as the full path
 would: the same status, body and headers, the same refusals, the same scoping by tenant.
 

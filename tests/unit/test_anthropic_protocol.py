@@ -15,7 +15,7 @@ from batchd.errors import Conflict, InvalidRequest
 from batchd.protocol import anthropic as am
 from batchd.scheduler.finalize import finalize_batch
 from batchd.service import message_batches
-from batchd.service.core import Services
+from batchd.service.services import Services
 from batchd.store import database
 from batchd.store.records import BatchStatus, RequestOutcome, RequestState
 from batchd.store.store import Store

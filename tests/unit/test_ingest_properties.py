@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from batchd.protocol import batch_file as ingest
-from batchd.protocol.openai import SUPPORTED_BATCH_ENDPOINTS
+from batchd.protocol.openai.bodies import SUPPORTED_BATCH_ENDPOINTS
 
-# The codes README.md documents for validation errors.
+# The codes docs/compatibility.md documents for validation errors.
 DOCUMENTED_CODES = {
     "invalid_json_line",
     "missing_required_parameter",

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from batchd.engines import registry
-from batchd.engines.openai_http.engine import _StreamUsage
+from batchd.engines.openai_http.sse import StreamUsage as _StreamUsage
 from batchd.engines.openai_http.upstream import (
     PoolSlots,
     TokenBucket,

@@ -16,7 +16,7 @@ from batchd.protocol import anthropic as am
 from batchd.protocol.batch_file import RequestLine
 from batchd.scheduler.finalize import finalize_batch
 from batchd.service import message_batches, retention
-from batchd.service.core import Services
+from batchd.service.services import Services
 from batchd.store import database
 from batchd.store.records import (
     BatchStatus,

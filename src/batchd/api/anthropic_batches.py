@@ -7,7 +7,6 @@ API keys and tenant isolation as the OpenAI surface apply; ``anthropic-version``
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -15,15 +14,13 @@ from fastapi.responses import StreamingResponse
 
 from batchd.api import openapi_schemas
 from batchd.api.auth import Tenant
-from batchd.api.deps import ServicesDep, read
+from batchd.api.deps import ServicesDep, run_blocking
 from batchd.api.json_body import read_json
 from batchd.api.responses import JSONResponse
 from batchd.errors import InvalidRequest
 from batchd.protocol import anthropic as am
-from batchd.service import core as service
-from batchd.service import idempotency, message_batches
-from batchd.service.core import Services
-from batchd.store.records import BatchRecord
+from batchd.service import batches, idempotency, message_batches
+from batchd.service.services import Services, wake_scheduler
 
 router = APIRouter()
 
@@ -40,26 +37,14 @@ async def create_message_batch(
 ) -> dict[str, Any]:
     key = idempotency.key_of(request.headers)
     body = await read_json(request, services.settings.anthropic_max_body_bytes)
-
-    def create_once() -> BatchRecord:  # in a thread: hashing and inserting a big body is slow
-        return idempotency.create_once(
-            services.store,
-            tenant=tenant,
-            scope=idempotency.SCOPE_MESSAGE_BATCHES,
-            key=key,
-            fingerprint=idempotency.fingerprint_json(body) if key else "",
-            create=lambda idempotency_key: message_batches.create_message_batch(
-                services, tenant, body, idempotency_key
-            ),
-            fetch=lambda batch_id: service.get_batch(services, tenant, batch_id, SURFACE),
-        )
-
-    record = await asyncio.to_thread(create_once)
-    service.wake_scheduler(services)  # on the loop thread: the wake event is not thread-safe
+    record = await run_blocking(
+        services, lambda: message_batches.create_message_batch(services, tenant, body, key)
+    )
+    wake_scheduler(services)  # on the loop: the wake-up is not thread-safe
     return am.message_batch_object(record, _base_url(request, services))
 
 
-# The polling routes: as in openai_batches (async, deps.read, orjson, the schema kept).
+# The polling routes: as in openai_batches (poll reads, orjson, the schema kept).
 @router.get("/v1/messages/batches", response_model=dict[str, Any])
 async def list_message_batches(
     request: Request,
@@ -71,15 +56,12 @@ async def list_message_batches(
 ) -> JSONResponse:
     if before_id and after_id:
         raise InvalidRequest("Only one of before_id and after_id may be given.", param="before_id")
-    records, has_more = await read(
+    records, has_more = await run_blocking(
         services,
-        services.store.list_batches,
-        tenant,
-        SURFACE,
-        after=after_id,
-        before=before_id,
-        limit=limit,
-        stats_max_age=services.settings.batch_counts_max_age_seconds,
+        lambda: batches.list_batches(
+            services, tenant, SURFACE, after=after_id, before=before_id, limit=limit
+        ),
+        poll_read=True,
     )
     base_url = _base_url(request, services)
     return JSONResponse(
@@ -91,8 +73,10 @@ async def list_message_batches(
 async def retrieve_message_batch(
     message_batch_id: str, request: Request, tenant: Tenant, services: ServicesDep
 ) -> JSONResponse:
-    record = await read(
-        services, service.get_batch, services, tenant, message_batch_id, SURFACE, for_poller=True
+    record = await run_blocking(
+        services,
+        lambda: batches.get_batch(services, tenant, message_batch_id, SURFACE, for_poller=True),
+        poll_read=True,
     )
     return JSONResponse(am.message_batch_object(record, _base_url(request, services)))
 
@@ -101,24 +85,31 @@ async def retrieve_message_batch(
 async def cancel_message_batch(
     message_batch_id: str, request: Request, tenant: Tenant, services: ServicesDep
 ) -> dict[str, Any]:
-    # Async on purpose: cancel wakes the scheduler, which must happen on the event loop.
-    record = message_batches.cancel_message_batch(services, tenant, message_batch_id)
+    record = await run_blocking(
+        services, lambda: message_batches.cancel_message_batch(services, tenant, message_batch_id)
+    )
+    wake_scheduler(services)  # on the loop: the wake-up is not thread-safe
     return am.message_batch_object(record, _base_url(request, services))
 
 
 @router.delete("/v1/messages/batches/{message_batch_id}")
-def delete_message_batch(
+async def delete_message_batch(
     message_batch_id: str, tenant: Tenant, services: ServicesDep
 ) -> dict[str, Any]:
-    message_batches.delete_message_batch(services, tenant, message_batch_id)
+    await run_blocking(
+        services, lambda: message_batches.delete_message_batch(services, tenant, message_batch_id)
+    )
     return am.deleted_object(message_batch_id)
 
 
 @router.get("/v1/messages/batches/{message_batch_id}/results")
-def message_batch_results(
+async def message_batch_results(
     message_batch_id: str, tenant: Tenant, services: ServicesDep
 ) -> StreamingResponse:
-    record = message_batches.results_batch(services, tenant, message_batch_id)
+    record = await run_blocking(
+        services, lambda: message_batches.results_batch(services, tenant, message_batch_id)
+    )
+    # Starlette reads a plain iterator in its thread pool, chunk by chunk.
     return StreamingResponse(
         message_batches.iter_results(services, record.id),
         media_type="application/x-jsonl",

@@ -1,13 +1,14 @@
 """Assembling the FastAPI app: routers, error translation, request ids, and the lifespan that
-starts the engine and the scheduler."""
+runs what the process needs while it serves (``runtime.running``, handed in by the runtime:
+the API layer sits below it)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 
 from fastapi import FastAPI
 
@@ -25,25 +26,16 @@ from batchd.api.keyring import KeyRing
 from batchd.api.poll_fast_path import PollingFastPath
 from batchd.api.request_id import RequestIdMiddleware
 from batchd.api.responses import JSONResponse
-from batchd.engines.base import LocalComputeEngine
-from batchd.loop_pacing import LoopPacer
-from batchd.service import retention
-from batchd.service.core import Services, install_metrics
+from batchd.service.services import Services
 
-log = logging.getLogger(__name__)
-
-
-def _pacer(services: Services) -> LoopPacer | None:
-    """The loop's wake-up moderation (loop_pacing.py), where this process runs an engine on
-    its own CPUs: never in an API-only process, nor for engines upstream."""
-    engine = services.engine
-    interval = services.settings.loop_pacing_ms / 1000
-    if services.scheduler is None or interval <= 0 or not isinstance(engine, LocalComputeEngine):
-        return None
-    return LoopPacer(engine.decoding_batch_only, interval)
+# What the lifespan enters: starts the engine, the scheduler and the rest on entry, stops them
+# on exit (``runtime.running`` for this process's role).
+WhileServing = Callable[[], AbstractAsyncContextManager[object]]
 
 
-def create_app(services: Services) -> FastAPI:
+def create_app(services: Services, running: WhileServing | None = None) -> FastAPI:
+    """The app for ``services``; its lifespan enters ``running`` while it serves. Without it
+    the lifespan starts nothing: an app built for its OpenAPI document, never served."""
     settings = services.settings
     # Built here, before serving, so a bad keys file stops start-up with its line named.
     keyring = KeyRing(settings.api_keys, settings.keys_file)
@@ -54,33 +46,12 @@ def create_app(services: Services) -> FastAPI:
             # SIGHUP re-reads the keys file: rotate keys without dropping in-flight work.
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keyring.reload)
-        install_metrics(services)
-        await services.engine.start()
-        scheduler = services.scheduler  # None in an API-only process: workers run batches
-        background: list[asyncio.Task[None]] = []
-        if scheduler is not None:
-            await scheduler.recover()
-            background.append(asyncio.create_task(scheduler.run()))
-            background.append(
-                asyncio.create_task(retention.run_forever(services.store, services.blobs, settings))
-            )
-        pacer = _pacer(services)
-        if pacer is not None:
-            pacer.start()
-            services.pacer = pacer
-        app.state.ready = True
-        try:
-            yield
-        finally:
-            app.state.ready = False
-            if pacer is not None:
-                pacer.stop()
-            if scheduler is not None:
-                await scheduler.stop(settings.shutdown_grace_seconds)
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await services.engine.close()
+        async with running() if running is not None else contextlib.nullcontext():
+            app.state.ready = True
+            try:
+                yield
+            finally:
+                app.state.ready = False
 
     app = FastAPI(
         title="batchd",
@@ -110,6 +81,7 @@ def create_app(services: Services) -> FastAPI:
     return app
 
 
-def asgi_app(services: Services) -> PollingFastPath:
-    """What the server serves: the app behind the polling fast path (api/poll_fast_path.py)."""
-    return PollingFastPath(create_app(services))
+def asgi_app(services: Services, running: WhileServing) -> PollingFastPath:
+    """What the server serves: the app behind the polling fast path (api/poll_fast_path.py),
+    running what ``running`` starts while it serves."""
+    return PollingFastPath(create_app(services, running))

@@ -2,95 +2,47 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 
-from batchd import failpoints
 from batchd.api import openapi_schemas
 from batchd.api.auth import Tenant
-from batchd.api.deps import ServicesDep
+from batchd.api.deps import ServicesDep, run_blocking
 from batchd.api.multipart_upload import parse_upload
-from batchd.errors import InvalidRequest
-from batchd.protocol import openai as oa
-from batchd.service import core as service
-from batchd.service import idempotency
+from batchd.protocol.openai import objects as oa_objects
+from batchd.service import files, idempotency
 
 router = APIRouter()
 
-UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
 
-
-@router.post("/v1/files", openapi_extra=openapi_schemas.upload_body(UPLOAD_PURPOSES))
+@router.post("/v1/files", openapi_extra=openapi_schemas.upload_body(files.UPLOAD_PURPOSES))
 async def upload_file(request: Request, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
     key = idempotency.key_of(request.headers)  # a bad header is refused before the upload is read
     upload = await parse_upload(request, services.blobs, services.settings.max_upload_bytes)
     try:
-        purpose = upload.fields.get("purpose")
-        if not purpose:
-            raise InvalidRequest(
-                "Missing required parameter: 'purpose'.",
-                param="purpose",
-                code="missing_required_parameter",
-            )
-        if purpose not in UPLOAD_PURPOSES:
-            raise InvalidRequest(
-                f"Invalid purpose {purpose[:64]!r}: expected one of {', '.join(UPLOAD_PURPOSES)}.",
-                param="purpose",
-            )
-        if upload.blob is None:
-            raise InvalidRequest(
-                "Missing required parameter: 'file'.",
-                param="file",
-                code="missing_required_parameter",
-            )
-        filename = upload.filename or "upload.jsonl"
-        if purpose == "batch" and not filename.lower().endswith(".jsonl"):
-            raise InvalidRequest("Invalid file format for Batch API. Must be .jsonl", param="file")
-        if upload.blob.size == 0:
-            raise InvalidRequest("The uploaded file is empty.", param="file", code="empty_file")
-        size = upload.blob.size
-        digest = upload.blob.sha256.hexdigest()
-        # Off the event loop: an fsync, or an upload to object storage.
-        blob = await asyncio.to_thread(upload.blob.commit)
-        failpoints.hit("upload.blob_committed")  # the bytes are stored, no row names them yet
-    except BaseException:
-        upload.abort()
-        raise
-    # Only the last path component of the client's name is kept, and only as metadata.
-    # Control characters (NUL, newlines) go too: the name is echoed in headers and listings.
-    base_name = filename.replace("\\", "/").rsplit("/", 1)[-1]
-    display_name = "".join(c for c in base_name if c.isprintable())[:255] or "upload.jsonl"
-    try:
-        record = idempotency.create_once(
-            services.store,
-            tenant=tenant,
-            scope=idempotency.SCOPE_FILES,
-            key=key,
-            fingerprint=idempotency.fingerprint_upload(purpose, display_name, digest),
-            create=lambda idempotency_key: service.register_upload(
+        record = await run_blocking(
+            services,
+            lambda: files.store_upload(
                 services,
                 tenant,
-                filename=display_name,
-                purpose=purpose,
-                blob=blob,
-                size=size,
-                idempotency=idempotency_key,
+                purpose=upload.fields.get("purpose"),
+                filename=upload.filename,
+                writer=upload.blob,
+                idempotency_key=key,
             ),
-            fetch=lambda file_id: service.get_file(services, tenant, file_id),
         )
     except BaseException:
-        services.blobs.delete(blob)  # nothing points at it
+        # Cancelled before a thread took the upload on: its bytes must not stay behind.
+        # (Once store_upload has run, it has dropped them itself; aborting twice is a no-op.)
+        upload.abort()
         raise
-    if record.blob != blob:  # a repeat of an earlier upload: keep the first copy only
-        services.blobs.delete(blob)
-    return oa.file_object(record)
+    return oa_objects.file_object(record)
 
 
 @router.get("/v1/files")
-def list_files(
+async def list_files(
     tenant: Tenant,
     services: ServicesDep,
     purpose: str | None = None,
@@ -98,22 +50,29 @@ def list_files(
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
-    records, has_more = services.store.list_files(
-        tenant, purpose=purpose, after=after, limit=limit, order=order
+    records, has_more = await run_blocking(
+        services,
+        lambda: files.list_files(
+            services, tenant, purpose=purpose, after=after, limit=limit, order=order
+        ),
     )
-    return oa.list_object([oa.file_object(r) for r in records], has_more)
+    return oa_objects.list_object([oa_objects.file_object(r) for r in records], has_more)
 
 
 @router.get("/v1/files/{file_id}")
-def retrieve_file(file_id: str, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
-    return oa.file_object(service.get_file(services, tenant, file_id))
+async def retrieve_file(file_id: str, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
+    record = await run_blocking(services, lambda: files.get_file(services, tenant, file_id))
+    return oa_objects.file_object(record)
 
 
 @router.get("/v1/files/{file_id}/content")
-def file_content(file_id: str, tenant: Tenant, services: ServicesDep) -> StreamingResponse:
-    record = service.get_file(services, tenant, file_id)
+async def file_content(file_id: str, tenant: Tenant, services: ServicesDep) -> StreamingResponse:
+    record, chunks = await run_blocking(
+        services, lambda: files.open_content(services, tenant, file_id)
+    )
+    # Starlette reads a plain iterator in its thread pool, chunk by chunk.
     return StreamingResponse(
-        services.blobs.iter_bytes(record.blob),
+        chunks,
         media_type="application/octet-stream",
         headers={
             "Content-Length": str(record.bytes),
@@ -123,6 +82,6 @@ def file_content(file_id: str, tenant: Tenant, services: ServicesDep) -> Streami
 
 
 @router.delete("/v1/files/{file_id}")
-def delete_file(file_id: str, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
-    record = service.delete_file(services, tenant, file_id)
+async def delete_file(file_id: str, tenant: Tenant, services: ServicesDep) -> dict[str, Any]:
+    record = await run_blocking(services, lambda: files.delete_file(services, tenant, file_id))
     return {"id": record.id, "object": "file", "deleted": True}

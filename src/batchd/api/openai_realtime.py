@@ -1,123 +1,47 @@
 """Realtime OpenAI endpoints on the same engine: /v1/chat/completions, /v1/completions,
 /v1/embeddings, /v1/models.
 
-Realtime requests carry ``Priority.REALTIME`` so the engine admits them ahead of batch work.
-A model served by an upstream (``openai-http``) engine is reverse-proxied: the body goes up
-unchanged but for ``model``, under the same limits as batch work, and the upstream's status,
-body or SSE stream come back as they were sent.
+The routes read the body and wrap what ``batchd.inference.dispatch`` answers in an HTTP
+response; the dispatch does the rest (model, limits, upstream or engine, wire shape), exactly
+as for batch rows but at ``Priority.REALTIME``. A model served by an upstream (``openai-http``)
+engine is reverse-proxied: its status, body or SSE stream come back as they were sent.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import AsyncIterator
 from typing import Any
 
-import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from batchd import ids
 from batchd.api import openapi_schemas
 from batchd.api.auth import Tenant
 from batchd.api.deps import ServicesDep
 from batchd.api.json_body import read_json
-from batchd.engines.base import (
-    Engine,
-    ForwardRequest,
-    GenerationRequest,
-    PassthroughEngine,
-    Priority,
-    passthrough_engine,
-)
-from batchd.errors import InvalidRequest, ModelNotFound
-from batchd.protocol import openai as oa
-from batchd.scheduler.execute import resolve
-from batchd.service.core import note_realtime
+from batchd.engines.base import Engine
+from batchd.inference.dispatch import Relayed, Rendered, Streamed, answer_realtime_openai
+from batchd.protocol.openai import bodies as oa_bodies
+from batchd.service.services import note_realtime
 
 router = APIRouter()
 
 MAX_REALTIME_BODY_BYTES = 32 * 1024 * 1024
 
 
-def _sse(payload: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(payload) + b"\n\n"
-
-
-async def _stream(
-    endpoint: str, parsed: Any, generation: GenerationRequest, engine: Engine
-) -> AsyncIterator[bytes]:
-    chat = endpoint == "/v1/chat/completions"
-    response_id = ids.chat_completion_id() if chat else ids.completion_id()
-    created = int(time.time())
-    include_usage = bool((getattr(parsed, "stream_options", None) or {}).get("include_usage"))
-    base = {
-        "id": response_id,
-        "object": "chat.completion.chunk" if chat else "text_completion",
-        "created": created,
-        "model": parsed.model,
-        "system_fingerprint": oa.SYSTEM_FINGERPRINT,
-    }
-
-    def chunk(delta_text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
-        if chat:
-            delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-            if delta_text is not None:
-                delta["content"] = delta_text
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": delta_text or "", "logprobs": None}
-        choice["finish_reason"] = finish
-        return {**base, "choices": [choice]}
-
-    if chat:
-        yield _sse(chunk(None, None, first=True))
-    try:
-        async for delta in engine.stream(generation):
-            if delta.text:
-                yield _sse(chunk(delta.text, None))
-            if delta.result is not None:
-                yield _sse(chunk(None if chat else "", delta.result.finish_reason))
-                if include_usage:
-                    yield _sse({**base, "choices": [], "usage": oa.usage_dict(delta.result)})
-    except InvalidRequest as exc:
-        yield _sse(oa.error_body(exc.message, param=exc.param, code=exc.code))
-    yield b"data: [DONE]\n\n"
-
-
-async def _proxy(
-    upstream: PassthroughEngine, served: str, endpoint: str, body: dict[str, Any]
-) -> Response:
-    forwarded = ForwardRequest(served, endpoint, body, Priority.REALTIME)
-    if body.get("stream") is True:
-        answer = await upstream.forward_stream(forwarded)
-        if answer.status_code != 200:
-            content = b"".join([chunk async for chunk in answer.chunks])
-            return Response(content, answer.status_code, media_type="application/json")
-        return StreamingResponse(
-            answer.chunks, media_type="text/event-stream", headers={"cache-control": "no-cache"}
-        )
-    response = await upstream.forward(forwarded)
-    return Response(response.body, response.status_code, media_type="application/json")
+def _response(answer: Rendered | Relayed | Streamed) -> Any:
+    if isinstance(answer, Rendered):
+        return answer.body  # serialized by FastAPI, as every other route's dict
+    if isinstance(answer, Relayed):
+        upstream = answer.response
+        return Response(upstream.body, upstream.status_code, media_type="application/json")
+    return StreamingResponse(
+        answer.chunks, media_type="text/event-stream", headers=answer.headers or None
+    )
 
 
 async def _handle(request: Request, endpoint: str, engine: Engine) -> Any:
     body = await read_json(request, MAX_REALTIME_BODY_BYTES)
-    checked = oa.check_body(endpoint, body)
-    served = engine.resolve_model(checked.model)
-    upstream = passthrough_engine(engine, served) if served is not None else None
-    if served is not None and upstream is not None:
-        return await _proxy(upstream, served, endpoint, body)
-    if served is None:
-        raise ModelNotFound(checked.model)
-    parsed = oa.parse_body(endpoint, body)
-    generation = resolve(engine, parsed.to_generation(Priority.REALTIME))
-    if parsed.stream:
-        return StreamingResponse(
-            _stream(endpoint, parsed, generation, engine), media_type="text/event-stream"
-        )
-    result = await engine.generate(generation)
-    return oa.response_body(endpoint, parsed.model, result)
+    return _response(await answer_realtime_openai(engine, endpoint, body))
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_schemas.CHAT_COMPLETION)
@@ -152,7 +76,7 @@ _EMBEDDINGS_BODY = openapi_schemas.json_body(
 @router.post("/v1/embeddings", openapi_extra=_EMBEDDINGS_BODY)
 async def embeddings(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
     note_realtime(services)
-    return await _handle(request, oa.EMBEDDINGS_ENDPOINT, services.engine)
+    return await _handle(request, oa_bodies.EMBEDDINGS_ENDPOINT, services.engine)
 
 
 @router.get("/v1/models")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from batchd.protocol.openai import KNOWN_BATCH_ENDPOINTS
+from batchd.protocol.openai.bodies import KNOWN_BATCH_ENDPOINTS
 
 _STRING = {"type": "string"}
 _MODEL = {"type": "string", "examples": ["default"]}

@@ -42,7 +42,7 @@ from batchd.api import anthropic_batches, http_metrics, openai_batches
 from batchd.api.auth import presented_key, tenant_of_key
 from batchd.api.keyring import KeyRing
 from batchd.errors import Unauthorized
-from batchd.service.core import Services
+from batchd.service.services import Services
 
 # (the request, its path match, the tenant, the services) -> the endpoint's response, or None
 # when the request needs FastAPI's own handling.

@@ -1,8 +1,12 @@
-"""The engine contract: one generate method, one stream method, capability attributes.
+"""The engine contract: one generate method, one stream method, declared capabilities.
 
 An engine turns a normalized generation request (already validated by ``batchd.protocol``)
 into text plus exact token counts. It owns its own threads; every method here is called from
 the asyncio event loop and must never block it.
+
+What differs between engines (embeddings, computing on this machine, pass-through, an upstream
+that is down) is declared by every engine on the protocol, never probed with ``getattr`` or
+``isinstance``: a new engine cannot forget a capability without the type checker saying so.
 
 Cancellation is asyncio cancellation: cancelling the task awaiting ``generate`` (or closing
 the ``stream`` iterator) must remove the sequence from the engine within one decode step.
@@ -13,7 +17,7 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol
 
 
 class Priority(enum.IntEnum):
@@ -125,8 +129,23 @@ class ForwardStream:
     attempts: int
 
 
+class PassthroughEngine(Protocol):
+    """An engine that can also take OpenAI bodies as they are (an upstream HTTP server), so
+    nothing the upstream supports is lost by a round trip through ``GenerationRequest``."""
+
+    async def forward(self, request: ForwardRequest) -> ForwardResponse: ...
+
+    async def forward_stream(self, request: ForwardRequest) -> ForwardStream: ...
+
+
 class Engine(Protocol):
-    kind: str  # "llamacpp", "openai-http", "fake"
+    kind: str  # "llamacpp", "openai-http", "fake", "router"
+    # Whether some model it serves answers /v1/embeddings (only upstream models do: the
+    # embedded engine generates text only), so batches for that endpoint are accepted.
+    supports_embeddings: bool
+    # Whether it computes on this machine's CPUs, beside the API (the embedded engine): only
+    # then may the API moderate its wake-ups (loop_pacing.py).
+    computes_locally: bool
 
     def models(self) -> list[ModelInfo]: ...
 
@@ -136,6 +155,23 @@ class Engine(Protocol):
 
     def capacity(self) -> int:
         """How many batch requests the caller should keep in flight to keep the engine full."""
+        ...
+
+    def decoding_batch_only(self) -> bool:
+        """Whether it is decoding batch work on this machine with no realtime request running,
+        waiting or recent: the API may then moderate its wake-ups (loop_pacing.py). Always
+        False for an engine that does not compute locally. Called from the event loop on every
+        iteration, so it must be cheap and must not block."""
+        ...
+
+    def unavailable_models(self) -> list[str]:
+        """Every name (ids and aliases) of models that should get no more batch rows for now:
+        their engine is full or their upstream is down. Empty for in-process engines."""
+        ...
+
+    def passthrough(self, model: str) -> PassthroughEngine | None:
+        """The engine to pass ``model``'s (a served id) OpenAI bodies through to unchanged, or
+        None if the model runs in-process from a ``GenerationRequest``."""
         ...
 
     async def start(self) -> None: ...
@@ -151,35 +187,3 @@ class Engine(Protocol):
         ...
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]: ...
-
-
-@runtime_checkable
-class PassthroughEngine(Protocol):
-    """An engine that can also take OpenAI bodies as they are (an upstream HTTP server), so
-    nothing the upstream supports is lost by a round trip through ``GenerationRequest``."""
-
-    def passthrough(self, model: str) -> bool:
-        """Whether ``model`` (a served id) is answered by passing bodies through."""
-        ...
-
-    async def forward(self, request: ForwardRequest) -> ForwardResponse: ...
-
-    async def forward_stream(self, request: ForwardRequest) -> ForwardStream: ...
-
-
-@runtime_checkable
-class LocalComputeEngine(Protocol):
-    """An engine that computes on this machine's CPUs, beside the API (the embedded one)."""
-
-    def decoding_batch_only(self) -> bool:
-        """Whether it is decoding batch work with no realtime request running, waiting or
-        recent: the API may then moderate its wake-ups (loop_pacing.py). Called from the
-        event loop on every iteration, so it must be cheap and must not block."""
-        ...
-
-
-def passthrough_engine(engine: Engine, model: str) -> PassthroughEngine | None:
-    """The engine to pass ``model``'s bodies through, or None if it runs them in-process."""
-    if isinstance(engine, PassthroughEngine) and engine.passthrough(model):
-        return engine
-    return None

@@ -1,8 +1,9 @@
-"""Building the configured engine (the one place that imports an engine implementation)."""
+"""Building the configured engine (the one place that imports an engine implementation).
+
+Each engine is built whole by its constructor: nothing here reaches into one afterwards.
+"""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 from batchd.config import Settings
 from batchd.engines import registry
@@ -29,9 +30,10 @@ def build_engine(settings: Settings) -> Engine:
 
         return FakeEngine(step_seconds=settings.fake_step_seconds, max_seqs=settings.max_seqs)
     from batchd.engines.llamacpp.engine import LlamaCppEngine
+    from batchd.engines.llamacpp.model_files import model_specs
 
     return LlamaCppEngine(
-        models=parse_model_specs(settings.models),
+        models=model_specs(parse_model_specs(settings.models)),
         data_dir=settings.data_dir,
         quant=settings.quant,
         n_threads=settings.n_threads,
@@ -51,12 +53,19 @@ def build_from_registry(reg: registry.Registry, settings: Settings) -> Engine:
     embedded = reg.llamacpp_models()
     if embedded:
         from batchd.engines.llamacpp.engine import LlamaCppEngine
-        from batchd.engines.llamacpp.model_files import bundled_gguf
+        from batchd.engines.llamacpp.model_files import bundled_gguf, model_spec
 
         options = reg.llamacpp
         engine = LlamaCppEngine(
+            # The config's aliases, not the engine's own ("default" for the first model); a
+            # model without a path is the bundled one, converted to Q8_0 like the default.
             models=[
-                (model_id, str(entry.path or bundled_gguf()))
+                model_spec(
+                    model_id,
+                    entry.path or bundled_gguf(),
+                    tuple(entry.aliases),
+                    bundled=entry.path is None,
+                )
                 for model_id, entry in embedded.items()
             ],
             data_dir=settings.data_dir,
@@ -70,16 +79,6 @@ def build_from_registry(reg: registry.Registry, settings: Settings) -> Engine:
                 else options.prefix_sharing
             ),
         )
-        # The config's aliases replace the engine's own ("default" for the first model).
-        engine.specs = [
-            replace(
-                spec,
-                aliases=tuple(embedded[spec.id].aliases),
-                bundled=embedded[spec.id].path is None,  # converted to Q8_0 like the default
-            )
-            for spec in engine.specs
-        ]
-        engine.names = {name: spec.id for spec in engine.specs for name in (spec.id, *spec.aliases)}
         engines.append(engine)
     for model_id, entry in reg.upstream_models().items():
         engines.append(OpenAIHttpEngine(model_id, entry, reg.api_keys[model_id]))

@@ -13,6 +13,7 @@ from batchd.engines.base import (
     GenerationRequest,
     GenerationResult,
     ModelInfo,
+    PassthroughEngine,
     StreamDelta,
 )
 
@@ -21,6 +22,9 @@ FAKE_MODEL = "fake-echo"
 
 class FakeEngine:
     kind = "fake"
+    supports_embeddings = False
+    # It only sleeps: nothing to pace the API loop for, as for an upstream.
+    computes_locally = False
 
     def __init__(self, *, step_seconds: float = 0.0, max_seqs: int = 64) -> None:
         self.step_seconds = step_seconds
@@ -34,6 +38,15 @@ class FakeEngine:
 
     def capacity(self) -> int:
         return 2 * self.max_seqs
+
+    def decoding_batch_only(self) -> bool:
+        return False
+
+    def unavailable_models(self) -> list[str]:
+        return []
+
+    def passthrough(self, model: str) -> PassthroughEngine | None:
+        return None
 
     async def start(self) -> None:
         return None

@@ -8,15 +8,11 @@ from dataclasses import replace
 
 from batchd.engines.base import (
     Engine,
-    ForwardRequest,
-    ForwardResponse,
-    ForwardStream,
     GenerationRequest,
     GenerationResult,
-    LocalComputeEngine,
     ModelInfo,
+    PassthroughEngine,
     StreamDelta,
-    passthrough_engine,
 )
 from batchd.errors import ModelNotFound
 
@@ -33,9 +29,10 @@ class RouterEngine:
                     if name in self._by_name:
                         raise ValueError(f"model name {name!r} is served by two engines")
                     self._by_name[name] = engine
-        self.supports_embeddings = any(
-            getattr(engine, "supports_embeddings", False) for engine in self.engines
-        )
+        self.supports_embeddings = any(engine.supports_embeddings for engine in self.engines)
+        # Asked on every loop iteration (decoding_batch_only): only the local engines.
+        self._local = [engine for engine in self.engines if engine.computes_locally]
+        self.computes_locally = bool(self._local)
 
     def _engine(self, model: str) -> Engine:
         engine = self._by_name.get(model)
@@ -58,19 +55,14 @@ class RouterEngine:
         return sum(engine.capacity() for engine in self.engines)
 
     def decoding_batch_only(self) -> bool:
-        local = [e for e in self.engines if isinstance(e, LocalComputeEngine)]
-        return any(e.decoding_batch_only() for e in local)
+        return any(engine.decoding_batch_only() for engine in self._local)
 
     def unavailable_models(self) -> list[str]:
-        """Every name (ids and aliases) of models whose engine should get no more batch rows
-        for now: full, or its upstream is down."""
-        names: list[str] = []
-        for engine in self.engines:
-            check = getattr(engine, "unavailable", None)
-            if check is not None and check():
-                for info in engine.models():
-                    names.extend((info.id, *info.aliases))
-        return names
+        return [name for engine in self.engines for name in engine.unavailable_models()]
+
+    def passthrough(self, model: str) -> PassthroughEngine | None:
+        engine = self._by_name.get(model)
+        return engine.passthrough(model) if engine is not None else None
 
     async def start(self) -> None:
         for engine in self.engines:
@@ -85,21 +77,3 @@ class RouterEngine:
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         return self._engine(request.model).stream(request)
-
-    # Pass-through, for the models whose engine takes bodies as they are.
-
-    def passthrough(self, model: str) -> bool:
-        engine = self._by_name.get(model)
-        return engine is not None and passthrough_engine(engine, model) is not None
-
-    async def forward(self, request: ForwardRequest) -> ForwardResponse:
-        engine = passthrough_engine(self._engine(request.model), request.model)
-        if engine is None:
-            raise ModelNotFound(request.model)
-        return await engine.forward(request)
-
-    async def forward_stream(self, request: ForwardRequest) -> ForwardStream:
-        engine = passthrough_engine(self._engine(request.model), request.model)
-        if engine is None:
-            raise ModelNotFound(request.model)
-        return await engine.forward_stream(request)

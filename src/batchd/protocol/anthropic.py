@@ -1,6 +1,6 @@
 """Anthropic wire models: the Messages body we execute, the objects we return.
 
-Fields follow ../shared/spec/api-spec.md part B in the spec's order. ``MessageCreateRequest``
+Fields follow Anthropic's API reference (see docs/compatibility.md). ``MessageCreateRequest``
 converts itself to an engine request (``to_generation``); response builders take engine
 results. Our extensions are marked ``# batchd extension``.
 

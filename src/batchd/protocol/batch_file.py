@@ -16,7 +16,8 @@ from typing import IO, Any
 import orjson
 
 from batchd.protocol.jsonstrict import duplicate_key, nesting_depth
-from batchd.protocol.openai import SUPPORTED_BATCH_ENDPOINTS, routing_field
+from batchd.protocol.openai.bodies import SUPPORTED_BATCH_ENDPOINTS, routing_field
+from batchd.store.records import RequestLine as RequestLine  # the rows this yields
 
 _BOM = b"\xef\xbb\xbf"
 _SKIP_CHUNK_BYTES = 1024 * 1024
@@ -32,15 +33,6 @@ class LineError:
 
     def to_wire(self) -> dict[str, Any]:
         return {"code": self.code, "message": self.message, "param": self.param, "line": self.line}
-
-
-@dataclass(frozen=True, slots=True)
-class RequestLine:
-    line_no: int
-    custom_id: str
-    body: bytes  # the line's body object re-serialized (compact JSON)
-    model: str
-    prefix_key: str
 
 
 @dataclass(slots=True)
@@ -230,15 +222,13 @@ def _scan(
         request, error = _check_line(line_no, raw, endpoint, strict=strict, max_depth=max_depth)
         if request is not None:
             if request.custom_id in seen:
-                request, error = (
-                    None,
-                    LineError(
-                        "duplicate_custom_id",
-                        f"The custom_id {request.custom_id[:200]!r} is used by an earlier line.",
-                        line_no,
-                        "custom_id",
-                    ),
+                error = LineError(
+                    "duplicate_custom_id",
+                    f"The custom_id {request.custom_id[:200]!r} is used by an earlier line.",
+                    line_no,
+                    "custom_id",
                 )
+                request = None
             else:
                 seen.add(request.custom_id)
         yield request, error

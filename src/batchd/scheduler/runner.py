@@ -23,7 +23,8 @@ from batchd.blobs.base import BlobStore
 from batchd.clock import now
 from batchd.config import Settings
 from batchd.engines.base import Engine, RetryLater
-from batchd.scheduler.execute import RunContext, execute
+from batchd.inference.executors.base import RunContext
+from batchd.inference.executors.registry import execute
 from batchd.scheduler.finalize import finalize_batch
 from batchd.scheduler.validation import validate_batch
 from batchd.store.records import (
@@ -353,8 +354,7 @@ class Scheduler:
             return
         # Rows of a model whose engine is full or whose upstream is down stay queued, so they
         # cannot take every slot from other models' batches.
-        unavailable = getattr(self.engine, "unavailable_models", None)
-        skip = unavailable() if unavailable is not None else []
+        skip = self.engine.unavailable_models()
         leased = await asyncio.to_thread(
             self.store.lease, self.owner, free, self.settings.lease_seconds, skip
         )

@@ -5,7 +5,9 @@ its requests become rows at create time and run through the same scheduler and e
 OpenAI batches. Anthropic validates ``params`` asynchronously (a bad one comes back as an
 ``errored`` result), so creation checks only the envelope: ``custom_id``s, counts, types.
 
-Retrieve, list and cancel need nothing surface-specific beyond ``service``'s functions.
+Retrieve and list need nothing surface-specific beyond ``batches``'s functions. Every
+function here but ``iter_results`` is blocking (database work): a route runs it off the event
+loop (``api/deps.run_blocking``); ``iter_results`` reads as it is consumed.
 """
 
 from __future__ import annotations
@@ -20,19 +22,17 @@ from batchd import failpoints, ids
 from batchd.clock import now
 from batchd.errors import Conflict, InvalidRequest, NotFound
 from batchd.protocol import anthropic as am
-from batchd.protocol.batch_file import RequestLine, prefix_key
-from batchd.service.core import (
-    Services,
-    cancel_batch,
-    check_tenant_capacity,
-    create_batch_admitted,
-    get_batch,
-)
+from batchd.protocol.batch_file import prefix_key
+from batchd.service import idempotency
+from batchd.service.admission import check_tenant_capacity, create_batch_admitted
+from batchd.service.batches import cancel_batch, get_batch
+from batchd.service.services import Services
 from batchd.store.records import (
     FINAL_REQUEST_STATES,
     BatchRecord,
     BatchStatus,
     IdempotencyKey,
+    RequestLine,
 )
 
 log = logging.getLogger(__name__)
@@ -109,17 +109,34 @@ def _row(line_no: int, custom_id: str, params: dict[str, Any]) -> RequestLine:
 
 
 def create_message_batch(
-    services: Services, tenant: str, body: Any, idempotency: IdempotencyKey | None = None
+    services: Services, tenant: str, body: Any, idempotency_key: str | None = None
+) -> BatchRecord:
+    """The message batch ``body`` asks for, in ``in_progress``; with ``idempotency_key``, the
+    batch an earlier create with that key made instead. Wake the scheduler afterwards."""
+    return idempotency.create_once(
+        services.store,
+        tenant=tenant,
+        scope=idempotency.SCOPE_MESSAGE_BATCHES,
+        key=idempotency_key,
+        # Before the create: it drops each request's parsed params once they are bytes.
+        fingerprint=idempotency.fingerprint_json(body) if idempotency_key else "",
+        create=lambda key: _create_message_batch(services, tenant, body, key),
+        fetch=lambda batch_id: get_batch(services, tenant, batch_id, SURFACE),
+    )
+
+
+def _create_message_batch(
+    services: Services, tenant: str, body: Any, idempotency: IdempotencyKey | None
 ) -> BatchRecord:
     """Check the envelope, insert every request as a row, then open the batch.
 
-    Blocking (database work): call it off the event loop, then wake the scheduler. The rows
-    go in first, in short chunked transactions, and the batch row last: the scheduler leases
-    only rows of an ``in_progress`` batch, so it can neither run nor finalize a half-inserted
-    one. If insertion fails the rows are removed; a crash mid-way leaves rows no batch owns,
-    which nothing reads and retention removes once they are an hour old. The tenant's limits are checked before the rows go in (a quick
-    refusal) and again with the batch row's insert, atomically (the one that binds: rows
-    count only once their batch row exists).
+    The rows go in first, in short chunked transactions, and the batch row last: the
+    scheduler leases only rows of an ``in_progress`` batch, so it can neither run nor
+    finalize a half-inserted one. If insertion fails the rows are removed; a crash mid-way
+    leaves rows no batch owns, which nothing reads and retention removes once they are an
+    hour old. The tenant's limits are checked before the rows go in (a quick refusal) and
+    again with the batch row's insert, atomically (the one that binds: rows count only once
+    their batch row exists).
     """
     requests = _checked_requests(body, services.settings.anthropic_max_batch_requests)
     check_tenant_capacity(services, tenant, len(requests))
@@ -171,8 +188,8 @@ def create_message_batch(
 
 
 def cancel_message_batch(services: Services, tenant: str, batch_id: str) -> BatchRecord:
-    """Start cancelling; idempotent while canceling. Wakes the scheduler, so call it on the
-    event loop thread."""
+    """Start cancelling; idempotent while canceling. Wake the scheduler afterwards: it ends
+    the cancelled work."""
     record = get_batch(services, tenant, batch_id, SURFACE)
     if record.status.terminal:
         raise Conflict(

@@ -19,7 +19,7 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SUPPORTED_DIALECTS = ("sqlite", "postgresql")
 
 
-# How every SQLite connection is opened, the pool's and the pollers' own (polling.py).
+# How every SQLite connection is opened, the pool's and the pollers' own (poll_reads.py).
 SQLITE_CONNECT_ARGS: dict[str, Any] = {"check_same_thread": False, "timeout": 30}
 
 
@@ -49,7 +49,7 @@ def open_sqlite(path: Path) -> Engine:
 def connect_sqlite(path: str) -> sqlite3.Connection:
     """A DBAPI connection to the SQLite file ``path`` outside any pool, set up exactly like
     the pool's."""
-    dbapi = sqlite3.connect(path, **SQLITE_CONNECT_ARGS)
+    dbapi: sqlite3.Connection = sqlite3.connect(path, **SQLITE_CONNECT_ARGS)
     _sqlite_pragmas(dbapi, None)
     return dbapi
 

@@ -45,6 +45,18 @@ FINAL_REQUEST_STATES = (
 
 
 @dataclass(frozen=True, slots=True)
+class RequestLine:
+    """One request row to insert: a line of an OpenAI batch file, or one request of an
+    Anthropic message batch."""
+
+    line_no: int
+    custom_id: str
+    body: bytes  # the request's body object re-serialized (compact JSON)
+    model: str
+    prefix_key: str  # rows sharing a prompt prefix lease together (see queue.py)
+
+
+@dataclass(frozen=True, slots=True)
 class FileRecord:
     id: str
     tenant: str

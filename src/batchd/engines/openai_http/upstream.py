@@ -1,4 +1,5 @@
-"""One upstream base URL: its limits, its health, and one HTTP attempt against it.
+"""One upstream base URL (its limits and its health), a model's pool of them, and how an
+attempt's outcome is classified.
 
 Limits are per base URL, enforced with real primitives, never sleep loops:
 - concurrency: ``max_concurrency`` slots per URL, held for the whole attempt (a stream: until
@@ -34,6 +35,8 @@ import time
 
 import httpx
 from aiolimiter import AsyncLimiter
+
+from batchd.engines.openai_http.timing import SYSTEM_CLOCK, Clock
 
 CIRCUIT_THRESHOLD = 3  # consecutive retryable failures before a URL is blocked
 MAX_BLOCK_SECONDS = 30.0
@@ -153,8 +156,10 @@ class Upstream:
         max_concurrency: int,
         requests_per_minute: int | None,
         tokens_per_minute: int | None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self.base_url = base_url
+        self.clock = clock
         self.max_concurrency = max_concurrency
         self.requests: AsyncLimiter | None = None
         if requests_per_minute is not None:
@@ -166,12 +171,12 @@ class Upstream:
             self.tokens = TokenBucket(tokens_per_minute, 60)
         self.outstanding = 0  # attempts holding a slot here (waiting for its rates, or sent)
         self.failures = 0  # consecutive retryable failures
-        self.blocked_until = 0.0  # time.monotonic(); not sent to before then
+        self.blocked_until = 0.0  # clock.monotonic(); not sent to before then
 
     # ------------------------------------------------------------ health
 
     def blocked_for(self) -> float:
-        return max(0.0, self.blocked_until - time.monotonic())
+        return max(0.0, self.blocked_until - self.clock.monotonic())
 
     def record_success(self) -> None:
         self.failures = 0
@@ -186,7 +191,7 @@ class Upstream:
             base = min(MAX_BLOCK_SECONDS, 2.0 ** (self.failures - CIRCUIT_THRESHOLD))
             block = base * random.uniform(1.0, 1.5)
         if block:
-            self.blocked_until = max(self.blocked_until, time.monotonic() + block)
+            self.blocked_until = max(self.blocked_until, self.clock.monotonic() + block)
 
     # ------------------------------------------------------------ limits
 
@@ -219,6 +224,38 @@ class Upstream:
         elif difference > 0:
             # Charged as debt: later requests wait for it, this one's result does not.
             self.tokens.charge(difference)
+
+
+class Pool:
+    """A model's upstream URLs and the concurrency slots they share."""
+
+    def __init__(self, urls: list[Upstream], slots_per_url: int) -> None:
+        self.urls = urls
+        self.slots = PoolSlots(slots_per_url * len(urls))
+
+    def blocked_for(self) -> float:
+        """Seconds until some URL takes requests again (0: one does now)."""
+        return min(upstream.blocked_for() for upstream in self.urls)
+
+    def all_blocked(self) -> bool:
+        return all(upstream.blocked_for() > 0 for upstream in self.urls)
+
+    async def take(self, priority: int) -> Upstream:
+        """Wait for a slot of the pool, then take the URL with the least outstanding work
+        among those with a free slot and not blocked. ``release`` it after the attempt."""
+        await self.slots.acquire(priority)
+        free = [u for u in self.urls if u.has_free_slot() and u.blocked_for() == 0]
+        if not free:
+            # The free slots are on URLs that became blocked while we waited.
+            self.slots.release()
+            raise Retryable("every upstream URL with a free slot is blocked", sent=False)
+        upstream = min(free, key=lambda u: u.outstanding)
+        upstream.take_slot()
+        return upstream
+
+    def release(self, upstream: Upstream) -> None:
+        upstream.release_slot()
+        self.slots.release()
 
 
 def classify(response: httpx.Response, body: bytes) -> Retryable | None:

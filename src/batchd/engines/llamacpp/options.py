@@ -1,0 +1,18 @@
+"""The embedded engine's tuning knobs, shared by the facade and every model's decode loop."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    n_threads: int = 2
+    ctx_size: int = 65536  # KV cells in all; each sequence gets ctx_size // max_seqs
+    max_seqs: int = 32
+    n_batch: int = 512  # most tokens in one llama_decode
+    prefill_chunk: int = 64  # most prompt tokens of one sequence per step
+    default_max_tokens: int = 1024  # when a request sets none
+    prefix_sharing: bool = True
+    batch_seqs_during_realtime: int = 0
+    realtime_slots: int = 2  # sequence slots batch work leaves free for realtime requests

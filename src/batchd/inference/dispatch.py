@@ -1,0 +1,216 @@
+"""One wire request to an engine and back, for the realtime routes and the batch executors alike.
+
+Every request takes the same steps: check the body, resolve the model (a 404 before anything an
+engine would refuse), then either forward the body verbatim to a passthrough (upstream) engine
+or build a ``GenerationRequest`` for a generating engine, and render the result in the
+surface's wire shape. A step that refuses the request raises a ``BatchdError``: the API turns
+it into an HTTP error, an executor into that row's errored outcome.
+
+Realtime requests carry ``Priority.REALTIME`` so engines admit them ahead of batch work; batch
+requests carry their batch's deadline, until which an upstream engine may keep retrying.
+
+Models served by an upstream (``openai-http``) engine take OpenAI bodies as they are: only
+types, ranges and routing fields are checked here, the embedded engine's own limits (``n=1``,
+no ``logit_bias``...) are not applied, and the upstream's status and body come back as sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from batchd.engines.base import (
+    Engine,
+    ForwardRequest,
+    ForwardResponse,
+    GenerationRequest,
+    GenerationResult,
+    PassthroughEngine,
+    Priority,
+)
+from batchd.errors import ContextLengthExceeded, ModelNotFound
+from batchd.inference import sse
+from batchd.protocol import anthropic as am
+from batchd.protocol.openai import bodies as oa_bodies
+from batchd.protocol.openai import results as oa_results
+
+# Anthropic's usage.service_tier: what a realtime message and a batch's message report.
+REALTIME_SERVICE_TIER = "standard"
+BATCH_SERVICE_TIER = "batch"
+
+# Streams that may sit in a proxy's buffer otherwise (relayed upstream streams, Anthropic's).
+_NO_CACHE = {"cache-control": "no-cache"}
+
+
+def resolve(engine: Engine, generation: GenerationRequest) -> GenerationRequest:
+    """``generation`` for the served model id its name or alias stands for, once it is known
+    to fit: raises ``ModelNotFound`` or ``ContextLengthExceeded``."""
+    served = engine.resolve_model(generation.model)
+    if served is None:
+        raise ModelNotFound(generation.model)
+    # A completion longer than the whole context can never fit: refuse it here, before the
+    # engine queues or tokenizes anything (the engine checks prompt + completion itself).
+    wanted = generation.params.max_tokens
+    if wanted is not None:
+        context = next((m.context_length for m in engine.models() if m.id == served), None)
+        if context is not None and wanted >= context:
+            raise ContextLengthExceeded(
+                f"max_tokens is {wanted}, but this model's context is {context} tokens in all"
+                " (prompt and completion).",
+                param="max_tokens",
+            )
+    return replace(generation, model=served)
+
+
+# ------------------------------------------------------------------- answers
+
+
+@dataclass(frozen=True, slots=True)
+class Rendered:
+    """A wire body rendered from a generating engine's result (status 200)."""
+
+    body: dict[str, Any]
+    result: GenerationResult
+
+
+@dataclass(frozen=True, slots=True)
+class Relayed:
+    """An upstream's answer: its status and body exactly as it sent them."""
+
+    response: ForwardResponse
+
+
+@dataclass(frozen=True, slots=True)
+class Streamed:
+    """A 200 answer whose body is these SSE chunks, sent with ``headers``."""
+
+    chunks: AsyncIterator[bytes]
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+# -------------------------------------------------------------------- OpenAI
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    """An OpenAI body to pass through to the upstream engine serving its model."""
+
+    upstream: PassthroughEngine
+    request: ForwardRequest
+    stream: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Generate:
+    """An OpenAI body turned into a request for a generating engine."""
+
+    endpoint: str
+    parsed: oa_bodies.ChatCompletionRequest | oa_bodies.CompletionRequest
+    request: GenerationRequest
+
+    @property
+    def stream(self) -> bool:
+        return bool(self.parsed.stream)
+
+
+def plan_openai(
+    engine: Engine, endpoint: str, body: Any, priority: Priority, deadline: float | None = None
+) -> Forward | Generate:
+    """How ``body`` (for ``endpoint``) runs on ``engine``; raises a ``BatchdError`` for a body
+    that cannot run at all."""
+    checked = oa_bodies.check_body(endpoint, body)
+    served = engine.resolve_model(checked.model)
+    if served is None:
+        # Before the embedded engine's own checks (no embeddings, no penalties...): a model
+        # nobody serves is a 404 whatever else the body asks for.
+        raise ModelNotFound(checked.model)
+    upstream = engine.passthrough(served)
+    if upstream is not None:
+        forwarded = ForwardRequest(served, endpoint, body, priority, deadline=deadline)
+        return Forward(upstream, forwarded, stream=body.get("stream") is True)
+    parsed = oa_bodies.parse_body(endpoint, body)
+    generation = resolve(engine, parsed.to_generation(priority))
+    return Generate(endpoint, parsed, replace(generation, deadline=deadline))
+
+
+async def complete_openai(engine: Engine, plan: Forward | Generate) -> Rendered | Relayed:
+    """The whole answer at once (a batch row's, or a realtime request not streamed)."""
+    if isinstance(plan, Forward):
+        return Relayed(await plan.upstream.forward(plan.request))
+    result = await engine.generate(plan.request)
+    return Rendered(oa_results.response_body(plan.endpoint, plan.parsed.model, result), result)
+
+
+async def stream_openai(engine: Engine, plan: Forward | Generate) -> Streamed | Relayed:
+    if isinstance(plan, Generate):
+        # Answered 200 at once: a late refusal by the engine becomes an error chunk.
+        return Streamed(sse.openai_chunks(engine, plan.endpoint, plan.parsed, plan.request))
+    answer = await plan.upstream.forward_stream(plan.request)
+    if answer.status_code != 200:
+        # The upstream refused before streaming: its error goes back as a plain JSON answer.
+        body = b"".join([chunk async for chunk in answer.chunks])
+        return Relayed(ForwardResponse(answer.status_code, body, answer.attempts))
+    return Streamed(answer.chunks, dict(_NO_CACHE))
+
+
+async def answer_realtime_openai(
+    engine: Engine, endpoint: str, body: Any
+) -> Rendered | Relayed | Streamed:
+    """A realtime request's answer: streamed if the body asks for it."""
+    plan = plan_openai(engine, endpoint, body, Priority.REALTIME)
+    if plan.stream:
+        return await stream_openai(engine, plan)
+    return await complete_openai(engine, plan)
+
+
+# ----------------------------------------------------------------- Anthropic
+
+
+@dataclass(frozen=True, slots=True)
+class MessagePlan:
+    """An Anthropic Messages body turned into a request for the engine."""
+
+    params: am.MessageCreateRequest
+    request: GenerationRequest
+    service_tier: str
+
+
+def plan_message(
+    engine: Engine, body: Any, priority: Priority, deadline: float | None = None
+) -> MessagePlan:
+    """How a Messages body runs on ``engine``; raises a ``BatchdError`` for a body that
+    cannot run at all."""
+    # A batch request's params may not ask for a stream, and its message names the batch tier.
+    in_batch = priority is Priority.BATCH
+    params = am.parse_params(body, in_batch=in_batch)
+    generation = resolve(engine, params.to_generation(priority))
+    tier = BATCH_SERVICE_TIER if in_batch else REALTIME_SERVICE_TIER
+    return MessagePlan(params, replace(generation, deadline=deadline), tier)
+
+
+async def complete_message(engine: Engine, plan: MessagePlan) -> Rendered:
+    result = await engine.generate(plan.request)
+    body = am.message_body(plan.params.model, result, service_tier=plan.service_tier)
+    return Rendered(body, result)
+
+
+async def stream_message(engine: Engine, plan: MessagePlan) -> Streamed:
+    stream = engine.stream(plan.request)
+    try:
+        # Wait for the first piece before answering 200, so a request the engine refuses
+        # (context too long, say) still gets a proper HTTP error rather than an error event.
+        first = await anext(stream)
+    except BaseException:
+        await sse.aclose(stream)
+        raise
+    events = sse.anthropic_events(plan.params.model, plan.service_tier, first, stream)
+    return Streamed(events, dict(_NO_CACHE))
+
+
+async def answer_realtime_message(engine: Engine, body: Any) -> Rendered | Streamed:
+    """A realtime message's answer: streamed if the body asks for it."""
+    plan = plan_message(engine, body, Priority.REALTIME)
+    if plan.params.stream:
+        return await stream_message(engine, plan)
+    return await complete_message(engine, plan)
