@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     # (never while a batch that reads it is running), and its output and error files after
     # they are written (scheduler/finalize.py); uploads of other purposes do not expire.
     file_retention_seconds: int = Field(default=30 * 24 * 3600, ge=1)
+    # For tests only: the least ``seconds`` an upload's ``expires_after`` or a batch's
+    # ``output_expires_after`` may ask for (OpenAI's, and the default: 3,600).
+    min_expires_after_seconds: int = Field(default=3600, ge=1, le=2_592_000)
 
     # Scheduling.
     lease_seconds: int = 60

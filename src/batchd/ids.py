@@ -65,3 +65,12 @@ def completion_id() -> str:
 
 def message_id() -> str:
     return "msg_" + _base62(secrets.randbits(128), 22)
+
+
+def response_id() -> str:
+    return "resp_" + secrets.token_hex(24)
+
+
+def response_item_id() -> str:
+    """An output item of a Responses API ``response`` (its assistant message)."""
+    return "msg_" + secrets.token_hex(24)

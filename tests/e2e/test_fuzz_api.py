@@ -135,8 +135,10 @@ def session() -> Iterator[requests.Session]:
         yield sess
 
 
-def _cap_tokens(params: dict[str, Any], *, openai: bool) -> None:
+def _cap_tokens(params: dict[str, Any], *, openai: bool, responses: bool = False) -> None:
     keys = ("max_tokens", "max_completion_tokens") if openai else ("max_tokens",)
+    if responses:
+        keys = ("max_output_tokens",)
     for key in keys:
         value = params.get(key)
         # In-range budgets would make the engine generate for seconds; out-of-range ones are
@@ -144,7 +146,7 @@ def _cap_tokens(params: dict[str, Any], *, openai: bool) -> None:
         if type(value) is int and 1 <= value <= CONTEXT_PER_SEQUENCE:
             params[key] = min(value, CHEAP_TOKENS)
     if openai and all(params.get(key) is None for key in keys):
-        params["max_tokens"] = CHEAP_TOKENS  # the default would run to the context's end
+        params[keys[0]] = CHEAP_TOKENS  # the default would run to the context's end
 
 
 def _steer(case: Any, real_ids: dict[tuple[str, bool], str]) -> None:
@@ -158,7 +160,7 @@ def _steer(case: Any, real_ids: dict[tuple[str, bool], str]) -> None:
     if not isinstance(body, dict):
         return
     path = case.path
-    if path in ("/v1/chat/completions", "/v1/completions", "/v1/messages"):
+    if path in ("/v1/chat/completions", "/v1/completions", "/v1/messages", "/v1/responses"):
         params_list = [body]
     elif path == "/v1/messages/batches" and isinstance(body.get("requests"), list):
         params_list = [
@@ -169,7 +171,9 @@ def _steer(case: Any, real_ids: dict[tuple[str, bool], str]) -> None:
     else:
         params_list = []
     for params in params_list:
-        _cap_tokens(params, openai=not path.startswith("/v1/messages"))
+        _cap_tokens(
+            params, openai=not path.startswith("/v1/messages"), responses=path == "/v1/responses"
+        )
         if isinstance(params.get("model"), str) and _choose(case, "model"):
             params["model"] = "default"
     if (

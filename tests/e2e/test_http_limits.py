@@ -74,6 +74,10 @@ def test_ten_thousand_headers_are_refused_in_anthropic_shape(server: ServerProce
         error = body["error"]
         assert isinstance(error, dict) and error["type"] == "invalid_request_error"
         assert "100 headers" in error["message"] and "max_headers" in error["message"]
+        # Anthropic's request-id header, and x-request-id, name the body's request_id.
+        lines = reply.partition(b"\r\n\r\n")[0].lower().split(b"\r\n")
+        request_id = str(body["request_id"]).encode()
+        assert b"request-id: " + request_id in lines and b"x-request-id: " + request_id in lines
 
 
 def test_a_one_mib_request_line_is_refused(server: ServerProcess) -> None:

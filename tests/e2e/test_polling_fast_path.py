@@ -27,8 +27,9 @@ from tests.support.helpers import (
 from tests.support.serverproc import ServerProcess
 
 BEARER = {"authorization": f"Bearer {API_KEY}"}
-# Headers that differ between any two responses: the clock and the fresh request id.
-VOLATILE = {"date", "x-request-id"}
+# Headers that differ between any two responses: the clock and the fresh request id (sent
+# twice on the Anthropic surface, as x-request-id and request-id).
+VOLATILE = {"date", "x-request-id", "request-id"}
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,10 @@ def _same(fast: httpx.Response, full: httpx.Response) -> None:
     assert strip(fast) == strip(full)
     assert fast.headers["x-request-id"].startswith("req_")
     assert full.headers["x-request-id"].startswith("req_")
+    for response in (fast, full):
+        anthropic = response.url.path.startswith("/v1/messages")
+        expected = response.headers["x-request-id"] if anthropic else None
+        assert response.headers.get("request-id") == expected
 
 
 def test_the_fast_path_answers_byte_for_byte_as_the_full_path(

@@ -257,6 +257,7 @@ def test_models_lists_each_model_with_its_engine(oa: openai.OpenAI) -> None:
     engines = {m.id: m.model_extra["engine"] for m in oa.models.list().data}
     assert engines == {
         "local": "llamacpp",
+        "all-minilm-l6-v2": "llamacpp",  # the bundled embedding model comes with the bundled one
         "smol": "openai-http",
         "smol-limited": "openai-http",
         "smol-pool": "openai-http",
@@ -930,3 +931,39 @@ def test_serve_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "models.x.api_key_env" in done.stderr and "NOT_SET_ANYWHERE_123" in done.stderr
+
+
+def test_responses_for_an_upstream_model_are_sent_as_chat_completions(
+    oa: openai.OpenAI, proxy: FaultProxy
+) -> None:
+    # llama-cpp-python's server has no /v1/responses: batchd translates, realtime and batch.
+    proxy.reset_stats()
+    response = oa.responses.create(
+        model="smol", instructions="Be brief.", input="Say hi.", max_output_tokens=4
+    )
+    assert response.id.startswith("resp_") and response.output_text
+    assert response.usage is not None and response.usage.input_tokens > 0
+    assert response.status in ("completed", "incomplete")
+    events = list(
+        oa.responses.create(model="smol", input="Say hi.", max_output_tokens=4, stream=True)
+    )
+    assert events[0].type == "response.created"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    lines = [
+        {
+            "custom_id": f"r-{i}",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {"model": "smol", "input": f"Name a color, {i}.", "max_output_tokens": 4},
+        }
+        for i in range(2)
+    ]
+    batch, output, errors = run_batch(oa, lines, endpoint="/v1/responses")
+    assert batch.status == "completed" and errors == []
+    assert sorted(row["custom_id"] for row in output) == ["r-0", "r-1"]
+    for row in output:
+        body = row["response"]["body"]
+        assert body["object"] == "response" and body["output"][0]["content"][0]["text"]
+    # Four requests (a slow upstream may see a retry past the model's timeout), all chat.
+    assert {seen.path for seen in proxy.seen} == {"/v1/chat/completions"}
+    assert len(proxy.seen) >= 4

@@ -145,11 +145,12 @@ def test_message_body_maps_stop_reasons_and_usage() -> None:
     assert body["id"].startswith("msg_") and body["model"] == "my-model"
     assert body["content"] == [{"type": "text", "text": "hello"}]
     assert (body["stop_reason"], body["stop_sequence"]) == ("end_turn", None)
+    # No cache_control in the request: the 4 tokens the engine shared are no cache read.
     assert body["usage"] == {
-        "input_tokens": 6,
+        "input_tokens": 10,
         "output_tokens": 4,  # the end-of-turn token counts
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 4,
+        "cache_read_input_tokens": 0,
         "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
         "server_tool_use": None,
         "service_tier": "batch",
@@ -269,3 +270,97 @@ def test_create_list_cancel_finalize_delete(services: Services) -> None:
     message_batches.delete_message_batch(services, "t", made[0])
     assert store.get_batch(made[0]) is None
     assert list(store.iter_finished(made[0])) == []
+
+
+# ------------------------------------------------------------------ prompt caching
+
+
+def cached(prompt: int, shared: int, *marks: int) -> tuple[int, int, int]:
+    return am.cache_usage(
+        result(prompt_tokens=prompt, cached_tokens=shared, cache_prefix_tokens=marks)
+    )
+
+
+def test_cache_usage_counts_only_marked_prefixes() -> None:
+    # (input_tokens, cache_creation_input_tokens, cache_read_input_tokens)
+    assert cached(100, 60) == (100, 0, 0), "unmarked: the engine's sharing is no cache read"
+    assert cached(100, 0, 60) == (40, 60, 0), "marked, not yet computed: a cache write"
+    assert cached(100, 60, 60) == (40, 0, 60), "marked and shared: a cache read"
+    assert cached(100, 70, 60) == (40, 0, 60), "sharing past the mark reads the mark only"
+    assert cached(100, 59, 60) == (40, 60, 0), "a prefix shared short of the mark is a write"
+    assert cached(100, 50, 30, 80) == (20, 50, 30), "read to the first mark, write to the last"
+    assert cached(100, 90, 30, 80) == (20, 0, 80)
+    assert cached(100, 100, 100) == (0, 0, 100)
+    assert cached(100, 50, 0) == (100, 0, 0), "a mark the engine could not place counts nothing"
+    for uncached, created, read in (cached(100, 50, 30, 80), cached(100, 0, 60)):
+        assert uncached + created + read == 100
+
+
+def test_message_body_reports_cache_reads_and_writes_of_marked_prefixes() -> None:
+    usage = am.message_body(
+        "m", result(cached_tokens=4, cache_prefix_tokens=(6,)), service_tier="batch"
+    )["usage"]
+    assert (usage["input_tokens"], usage["cache_creation_input_tokens"]) == (4, 6)
+    assert usage["cache_read_input_tokens"] == 0
+    assert usage["cache_creation"] == {
+        "ephemeral_5m_input_tokens": 6,
+        "ephemeral_1h_input_tokens": 0,
+    }
+
+
+def marked(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}
+
+
+def plain(text: str) -> dict[str, Any]:
+    return {"type": "text", "text": text}
+
+
+def test_cache_control_marks_become_the_prefixes_up_to_each_marked_block() -> None:
+    body = {
+        "model": "m",
+        "max_tokens": 4,
+        "system": [plain("Be brief."), marked("Context.")],
+        "messages": [
+            {"role": "user", "content": [marked("Doc one."), plain("Question?")]},
+            {"role": "assistant", "content": "Answer."},
+            {"role": "user", "content": "Again?"},
+        ],
+    }
+    generation = am.parse_params(body, in_batch=True).to_generation()
+    system = ChatMessage("system", "Be brief.\n\nContext.")
+    assert generation.messages == (
+        system,
+        ChatMessage("user", "Doc one.\n\nQuestion?"),
+        ChatMessage("assistant", "Answer."),
+        ChatMessage("user", "Again?"),
+    )
+    assert generation.cache_prefixes == (
+        (system,),
+        (system, ChatMessage("user", "Doc one.")),
+    )
+    # Top-level cache_control (automatic caching): a breakpoint on the last block.
+    auto = am.parse_params({**body, "cache_control": {"type": "ephemeral"}}, in_batch=True)
+    assert auto.to_generation().cache_prefixes[-1] == generation.messages
+    # None marked: no prefixes, and the prompt is the same.
+    unmarked = {**body, "system": "Be brief.\n\nContext.", "messages": body["messages"][1:]}
+    assert am.parse_params(unmarked, in_batch=True).to_generation().cache_prefixes == ()
+
+
+def test_more_than_four_cache_breakpoints_are_refused_naming_the_fifth() -> None:
+    body = {
+        "model": "m",
+        "max_tokens": 4,
+        "cache_control": {"type": "ephemeral"},
+        "messages": [{"role": "user", "content": [marked(str(i)) for i in range(4)]}],
+    }
+    with pytest.raises(InvalidRequest) as refused:
+        am.parse_params(body, in_batch=True)
+    assert refused.value.param == "messages.0.content.3.cache_control"
+    assert "A maximum of 4 blocks with cache_control may be provided. Found 5." in str(
+        refused.value.message
+    )
+    body["messages"][0]["content"][0]["cache_control"] = "yes"
+    with pytest.raises(InvalidRequest) as refused:
+        am.parse_params(body, in_batch=True)
+    assert refused.value.param == "messages.0.content.0.cache_control"

@@ -117,3 +117,26 @@ def test_prefix_key_groups_shared_system_prompts() -> None:
 
     assert keyed("S", "one") == keyed("S", "two")
     assert keyed("S", "one") != keyed("T", "one")
+
+
+def test_prefix_key_groups_responses_lines_by_instructions_and_earlier_items() -> None:
+    def key(instructions: str | None, *items: str) -> str:
+        body: dict[str, object] = {
+            "model": "m",
+            "input": [{"role": "user", "content": text} for text in items],
+        }
+        if instructions is not None:
+            body["instructions"] = instructions
+        return ingest.prefix_key("m", body)
+
+    assert key("S", "a", "one") == key("S", "a", "two")
+    assert key("S", "a", "one") != key("T", "a", "one")
+    assert key("S", "a", "one") != key("S", "b", "one")
+    assert key(None, "one") != key("S", "one")
+    # A string input with instructions is keyed by the instructions.
+    assert ingest.prefix_key("m", {"instructions": "S", "input": "x"}) == ingest.prefix_key(
+        "m", {"instructions": "S", "input": "y"}
+    )
+    assert key("S", "one") == ingest.prefix_key("m", {"instructions": "S", "input": "x"})
+    # An embeddings body's input list is not read as a conversation.
+    assert ingest.prefix_key("m", {"input": ["a", "b"]}) == ingest.prefix_key("m", {"input": "c"})

@@ -34,7 +34,8 @@ def refusal_body(url: bytes, message: str) -> tuple[bytes, list[tuple[bytes, byt
             "error": {"type": "invalid_request_error", "message": message},
             "request_id": request_id,
         }
-        return orjson.dumps(body), [(b"x-request-id", request_id.encode())]
+        id_bytes = request_id.encode()
+        return orjson.dumps(body), [(b"x-request-id", id_bytes), (b"request-id", id_bytes)]
     error = {"message": message, "type": "invalid_request_error", "param": None}
     return orjson.dumps({"error": {**error, "code": "request_header_fields_too_large"}}), []
 

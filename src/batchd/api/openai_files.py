@@ -11,6 +11,7 @@ from batchd.api import openapi_schemas
 from batchd.api.auth import Tenant
 from batchd.api.deps import ServicesDep, run_blocking
 from batchd.api.multipart_upload import parse_upload
+from batchd.protocol.openai import expiry
 from batchd.protocol.openai import objects as oa_objects
 from batchd.service import files, idempotency
 
@@ -31,6 +32,7 @@ async def upload_file(request: Request, tenant: Tenant, services: ServicesDep) -
                 filename=upload.filename,
                 writer=upload.blob,
                 idempotency_key=key,
+                expires_after=expiry.form_expires_after(upload.fields),
             ),
         )
     except BaseException:

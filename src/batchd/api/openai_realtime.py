@@ -1,5 +1,5 @@
 """Realtime OpenAI endpoints on the same engine: /v1/chat/completions, /v1/completions,
-/v1/embeddings, /v1/models.
+/v1/embeddings, /v1/responses, /v1/models.
 
 The routes read the body and wrap what ``batchd.inference.dispatch`` answers in an HTTP
 response; the dispatch does the rest (model, limits, upstream or engine, wire shape), exactly
@@ -21,6 +21,7 @@ from batchd.api.json_body import read_json
 from batchd.engines.base import Engine
 from batchd.inference.dispatch import Relayed, Rendered, Streamed, answer_realtime_openai
 from batchd.protocol.openai import bodies as oa_bodies
+from batchd.protocol.openai import responses as oa_responses
 from batchd.service.services import note_realtime
 
 router = APIRouter()
@@ -69,7 +70,7 @@ _EMBEDDINGS_BODY = openapi_schemas.json_body(
         },
         "required": ["model", "input"],
     },
-    "An OpenAI embeddings request (served by upstream models only).",
+    "An OpenAI embeddings request (the bundled all-minilm-l6-v2, or an upstream model).",
 )
 
 
@@ -77,6 +78,32 @@ _EMBEDDINGS_BODY = openapi_schemas.json_body(
 async def embeddings(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
     note_realtime(services)
     return await _handle(request, oa_bodies.EMBEDDINGS_ENDPOINT, services.engine)
+
+
+_RESPONSES_BODY = openapi_schemas.json_body(
+    {
+        "type": "object",
+        "properties": {
+            "model": {"type": "string", "examples": ["default"]},
+            "input": {
+                "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}]
+            },
+            "instructions": {"type": "string"},
+            "max_output_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "stream": {"type": "boolean"},
+        },
+        "required": ["model", "input"],
+    },
+    "An OpenAI Responses API request (text in, text out; nothing stored).",
+)
+
+
+@router.post("/v1/responses", openapi_extra=_RESPONSES_BODY)
+async def responses(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
+    note_realtime(services)
+    return await _handle(request, oa_responses.RESPONSES_ENDPOINT, services.engine)
 
 
 @router.get("/v1/models")

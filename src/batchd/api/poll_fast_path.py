@@ -9,7 +9,7 @@ takes the shortest way there is: this ASGI app wraps the FastAPI app and answers
 polling routes itself, with plain parameters and a key that authenticates, by calling that
 route's own endpoint function with the parameters FastAPI would have bound. It does what the
 layers it skips would have done for such a request: authentication (``auth.presented_key``
-and ``auth.tenant_of_key``, the same code), the ``x-request-id`` header, and the latency
+and ``auth.tenant_of_key``, the same code), the request id headers, and the latency
 histogram under the route's template. So the handler code, the store read and the bytes sent
 are the same ones; only the dispatch is shorter: Starlette's error and exception layers,
 FastAPI's routing and dependency solving, and four middleware layers, each wrapping ``send``.
@@ -37,10 +37,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from batchd import ids
 from batchd.api import anthropic_batches, http_metrics, openai_batches
 from batchd.api.auth import presented_key, tenant_of_key
 from batchd.api.keyring import KeyRing
+from batchd.api.request_id import with_request_id
 from batchd.errors import Unauthorized
 from batchd.service.services import Services
 
@@ -209,12 +209,11 @@ class PollingFastPath:
                 return None
             if response is None:
                 return None
-            request_id = (b"x-request-id", ids.request_id().encode("latin-1"))
             await send(
                 {
                     "type": "http.response.start",
                     "status": response.status_code,
-                    "headers": [*response.raw_headers, request_id],
+                    "headers": with_request_id(path, list(response.raw_headers)),
                 }
             )
             await send({"type": "http.response.body", "body": response.body})

@@ -56,6 +56,10 @@ class GenerationRequest:
     # Wall-clock time (epoch seconds) after which the result is no longer wanted: a batch's
     # expires_at. Engines that retry (upstream ones) retry until then; None: their own limit.
     deadline: float | None = None
+    # Anthropic's cache breakpoints (``cache_control``): for each, the messages up to and
+    # including the marked block. An engine that can tells their lengths in prompt tokens
+    # (``GenerationResult.cache_prefix_tokens``).
+    cache_prefixes: tuple[tuple[ChatMessage, ...], ...] = ()
 
 
 @dataclass(slots=True)
@@ -66,6 +70,9 @@ class GenerationResult:
     completion_tokens: int
     cached_tokens: int = 0  # prompt tokens whose KV was shared, not recomputed
     stop_sequence: str | None = None  # which stop string ended generation, if any
+    # The length in prompt tokens of each of the request's ``cache_prefixes``, in order; empty
+    # when the request marked none or the engine cannot tell (an upstream one).
+    cache_prefix_tokens: tuple[int, ...] = ()
     attempts: int = 1  # HTTP attempts an upstream engine made (1 for in-process engines)
 
 
@@ -75,6 +82,22 @@ class StreamDelta:
 
     text: str
     result: GenerationResult | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbedRequest:
+    """Texts to embed with one model, in one request (an OpenAI ``input`` string or list)."""
+
+    model: str  # a served model id
+    inputs: tuple[str, ...]
+    dimensions: int | None = None  # None: the model's own; others only where it allows them
+    priority: Priority = Priority.BATCH
+
+
+@dataclass(slots=True)
+class EmbedResult:
+    vectors: list[list[float]]  # one per input, in input order, each of unit length
+    prompt_tokens: int  # every input's tokens, special ones included
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,8 +163,8 @@ class PassthroughEngine(Protocol):
 
 class Engine(Protocol):
     kind: str  # "llamacpp", "openai-http", "fake", "router"
-    # Whether some model it serves answers /v1/embeddings (only upstream models do: the
-    # embedded engine generates text only), so batches for that endpoint are accepted.
+    # Whether some model it serves answers /v1/embeddings (an upstream's, or the embedded
+    # engine's bundled embedding model), so batches for that endpoint are accepted.
     supports_embeddings: bool
     # Whether it computes on this machine's CPUs, beside the API (the embedded engine): only
     # then may the API moderate its wake-ups (loop_pacing.py).
@@ -187,3 +210,9 @@ class Engine(Protocol):
         ...
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]: ...
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        """Embed every input of ``request`` with a model served in-process (an upstream's
+        embeddings are passed through instead). Raises ``batchd.errors.InvalidRequest`` for a
+        model that does not embed, an input too long, or ``dimensions`` it cannot give."""
+        ...

@@ -10,12 +10,15 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from batchd.engines.base import (
+    EmbedRequest,
+    EmbedResult,
     GenerationRequest,
     GenerationResult,
     ModelInfo,
     PassthroughEngine,
     StreamDelta,
 )
+from batchd.errors import InvalidRequest
 
 FAKE_MODEL = "fake-echo"
 
@@ -81,4 +84,11 @@ class FakeEngine:
                 prompt_tokens=prompt_tokens,
                 completion_tokens=len(out),
             ),
+        )
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        raise InvalidRequest(
+            f"The model '{request.model}' generates text only; it does not serve embeddings.",
+            param="model",
+            code="unsupported_endpoint",
         )

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 
 from batchd.engines.base import (
+    EmbedRequest,
+    EmbedResult,
     Engine,
     GenerationRequest,
     GenerationResult,
@@ -77,3 +79,6 @@ class RouterEngine:
 
     def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         return self._engine(request.model).stream(request)
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        return await self._engine(request.model).embed(request)

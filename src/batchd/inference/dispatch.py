@@ -2,8 +2,8 @@
 
 Every request takes the same steps: check the body, resolve the model (a 404 before anything an
 engine would refuse), then either forward the body verbatim to a passthrough (upstream) engine
-or build a ``GenerationRequest`` for a generating engine, and render the result in the
-surface's wire shape. A step that refuses the request raises a ``BatchdError``: the API turns
+or build a ``GenerationRequest`` for a generating engine (an ``EmbedRequest`` for an embedding
+model it serves in-process), and render the result in the surface's wire shape. A step that refuses the request raises a ``BatchdError``: the API turns
 it into an HTTP error, an executor into that row's errored outcome.
 
 Realtime requests carry ``Priority.REALTIME`` so engines admit them ahead of batch work; batch
@@ -12,6 +12,8 @@ requests carry their batch's deadline, until which an upstream engine may keep r
 Models served by an upstream (``openai-http``) engine take OpenAI bodies as they are: only
 types, ranges and routing fields are checked here, the embedded engine's own limits (``n=1``,
 no ``logit_bias``...) are not applied, and the upstream's status and body come back as sent.
+A Responses API body is the exception: it always becomes a ``GenerationRequest`` (checked by
+the Responses rules), which an upstream engine sends on as a chat completion.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from batchd.engines.base import (
+    EmbedRequest,
     Engine,
     ForwardRequest,
     ForwardResponse,
@@ -33,6 +36,8 @@ from batchd.errors import ContextLengthExceeded, ModelNotFound
 from batchd.inference import sse
 from batchd.protocol import anthropic as am
 from batchd.protocol.openai import bodies as oa_bodies
+from batchd.protocol.openai import embeddings as oa_embeddings
+from batchd.protocol.openai import responses as oa_responses
 from batchd.protocol.openai import results as oa_results
 
 # Anthropic's usage.service_tier: what a realtime message and a batch's message report.
@@ -106,7 +111,11 @@ class Generate:
     """An OpenAI body turned into a request for a generating engine."""
 
     endpoint: str
-    parsed: oa_bodies.ChatCompletionRequest | oa_bodies.CompletionRequest
+    parsed: (
+        oa_bodies.ChatCompletionRequest
+        | oa_bodies.CompletionRequest
+        | oa_responses.ResponsesRequest
+    )
     request: GenerationRequest
 
     @property
@@ -114,11 +123,21 @@ class Generate:
         return bool(self.parsed.stream)
 
 
+@dataclass(frozen=True, slots=True)
+class Embed:
+    """An OpenAI embeddings body for a model the engine embeds with in-process."""
+
+    parsed: oa_bodies.EmbeddingRequest
+    request: EmbedRequest
+
+
 def plan_openai(
     engine: Engine, endpoint: str, body: Any, priority: Priority, deadline: float | None = None
-) -> Forward | Generate:
+) -> Forward | Generate | Embed:
     """How ``body`` (for ``endpoint``) runs on ``engine``; raises a ``BatchdError`` for a body
     that cannot run at all."""
+    if endpoint == oa_responses.RESPONSES_ENDPOINT:
+        return _plan_response(engine, body, priority, deadline)
     checked = oa_bodies.check_body(endpoint, body)
     served = engine.resolve_model(checked.model)
     if served is None:
@@ -129,21 +148,48 @@ def plan_openai(
     if upstream is not None:
         forwarded = ForwardRequest(served, endpoint, body, priority, deadline=deadline)
         return Forward(upstream, forwarded, stream=body.get("stream") is True)
+    if isinstance(checked, oa_bodies.EmbeddingRequest):
+        return Embed(checked, replace(checked.to_embedding(priority), model=served))
     parsed = oa_bodies.parse_body(endpoint, body)
     generation = resolve(engine, parsed.to_generation(priority))
     return Generate(endpoint, parsed, replace(generation, deadline=deadline))
 
 
-async def complete_openai(engine: Engine, plan: Forward | Generate) -> Rendered | Relayed:
+def _plan_response(
+    engine: Engine, body: Any, priority: Priority, deadline: float | None
+) -> Generate:
+    """A Responses body always becomes a generation request: the embedded engine runs it, and
+    an upstream (openai-http) engine sends it on as a chat completion."""
+    parsed = oa_responses.parse_request(body)
+    if engine.resolve_model(parsed.model) is None:
+        raise ModelNotFound(parsed.model)
+    generation = resolve(engine, parsed.to_generation(priority))
+    return Generate(oa_responses.RESPONSES_ENDPOINT, parsed, replace(generation, deadline=deadline))
+
+
+async def complete_openai(engine: Engine, plan: Forward | Generate | Embed) -> Rendered | Relayed:
     """The whole answer at once (a batch row's, or a realtime request not streamed)."""
     if isinstance(plan, Forward):
         return Relayed(await plan.upstream.forward(plan.request))
+    if isinstance(plan, Embed):
+        embedded = await engine.embed(plan.request)
+        body = oa_embeddings.embeddings_body(
+            plan.parsed.model, embedded, plan.parsed.encoding_format
+        )
+        tokens = embedded.prompt_tokens
+        return Rendered(body, GenerationResult("", "stop", tokens, completion_tokens=0))
     result = await engine.generate(plan.request)
-    return Rendered(oa_results.response_body(plan.endpoint, plan.parsed.model, result), result)
+    if isinstance(plan.parsed, oa_responses.ResponsesRequest):
+        body = oa_responses.response_body(plan.parsed, plan.request.model, result)
+        return Rendered(body, result)
+    # The served model's id, not the alias the body named (plan.request is resolved).
+    return Rendered(oa_results.response_body(plan.endpoint, plan.request.model, result), result)
 
 
 async def stream_openai(engine: Engine, plan: Forward | Generate) -> Streamed | Relayed:
     if isinstance(plan, Generate):
+        if isinstance(plan.parsed, oa_responses.ResponsesRequest):
+            return await _stream_response(engine, plan.parsed, plan.request)
         # Answered 200 at once: a late refusal by the engine becomes an error chunk.
         return Streamed(sse.openai_chunks(engine, plan.endpoint, plan.parsed, plan.request))
     answer = await plan.upstream.forward_stream(plan.request)
@@ -154,12 +200,27 @@ async def stream_openai(engine: Engine, plan: Forward | Generate) -> Streamed | 
     return Streamed(answer.chunks, dict(_NO_CACHE))
 
 
+async def _stream_response(
+    engine: Engine, parsed: oa_responses.ResponsesRequest, request: GenerationRequest
+) -> Streamed:
+    stream = engine.stream(request)
+    try:
+        # Wait for the first piece before answering 200, so a request the engine refuses
+        # (context too long, say) still gets a proper HTTP error rather than an error event.
+        first = await anext(stream)
+    except BaseException:
+        await sse.aclose(stream)
+        raise
+    events = sse.responses_events(parsed, request.model, first, stream)
+    return Streamed(events, dict(_NO_CACHE))
+
+
 async def answer_realtime_openai(
     engine: Engine, endpoint: str, body: Any
 ) -> Rendered | Relayed | Streamed:
     """A realtime request's answer: streamed if the body asks for it."""
     plan = plan_openai(engine, endpoint, body, Priority.REALTIME)
-    if plan.stream:
+    if not isinstance(plan, Embed) and plan.stream:
         return await stream_openai(engine, plan)
     return await complete_openai(engine, plan)
 
@@ -191,7 +252,7 @@ def plan_message(
 
 async def complete_message(engine: Engine, plan: MessagePlan) -> Rendered:
     result = await engine.generate(plan.request)
-    body = am.message_body(plan.params.model, result, service_tier=plan.service_tier)
+    body = am.message_body(plan.request.model, result, service_tier=plan.service_tier)
     return Rendered(body, result)
 
 
@@ -204,7 +265,7 @@ async def stream_message(engine: Engine, plan: MessagePlan) -> Streamed:
     except BaseException:
         await sse.aclose(stream)
         raise
-    events = sse.anthropic_events(plan.params.model, plan.service_tier, first, stream)
+    events = sse.anthropic_events(plan.request.model, plan.service_tier, first, stream)
     return Streamed(events, dict(_NO_CACHE))
 
 

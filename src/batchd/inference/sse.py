@@ -1,4 +1,5 @@
-"""Generated streams as SSE bytes: OpenAI's chunk objects, Anthropic's named events.
+"""Generated streams as SSE bytes: OpenAI's chunk objects, the Responses API's and
+Anthropic's named events.
 
 Only for engines that generate here; an upstream's stream is relayed as it was sent.
 """
@@ -16,6 +17,7 @@ from batchd.engines.base import Engine, GenerationRequest, StreamDelta
 from batchd.errors import BatchdError, InvalidRequest
 from batchd.protocol import anthropic as am
 from batchd.protocol.openai import bodies as oa_bodies
+from batchd.protocol.openai import responses as oa_responses
 from batchd.protocol.openai import results as oa_results
 
 CHAT_ENDPOINT = "/v1/chat/completions"
@@ -51,7 +53,7 @@ async def openai_chunks(
         "id": response_id,
         "object": "chat.completion.chunk" if chat else "text_completion",
         "created": created,
-        "model": parsed.model,
+        "model": generation.model,  # the served id the body's model (or alias) resolved to
         "system_fingerprint": oa_bodies.SYSTEM_FINGERPRINT,
     }
 
@@ -161,5 +163,85 @@ async def anthropic_events(
     except BatchdError as exc:
         # The response has started; Anthropic reports a late failure as an error event.
         yield _event("error", am.error_body(exc.anthropic_type, exc.message, ids.request_id()))
+    finally:
+        await aclose(rest)
+
+
+async def responses_events(
+    parsed: oa_responses.ResponsesRequest,
+    model: str,
+    first: StreamDelta,
+    rest: AsyncIterator[StreamDelta],
+) -> AsyncIterator[bytes]:
+    """A Responses API event stream (``response.created`` ... ``response.completed`` or
+    ``response.incomplete``) from the engine's first piece (already received) and the rest;
+    closes ``rest`` however it ends."""
+    response_id, item_id = ids.response_id(), ids.response_item_id()
+    created_at = int(time.time())
+    sequence = 0
+
+    def event(payload: dict[str, Any]) -> bytes:
+        nonlocal sequence
+        payload["sequence_number"] = sequence
+        sequence += 1
+        return _event(payload["type"], payload)
+
+    def response(**kwargs: Any) -> dict[str, Any]:
+        return oa_responses.response_object(parsed, model, response_id, created_at, **kwargs)
+
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    yield event({"type": "response.created", "response": response()})
+    yield event({"type": "response.in_progress", "response": response()})
+    yield event(
+        {
+            "type": "response.output_item.added",
+            "output_index": 0,
+            "item": oa_responses.output_message(item_id, "in_progress", None),
+        }
+    )
+    yield event(
+        {"type": "response.content_part.added", **where, "part": oa_responses.output_text("")}
+    )
+    pieces: list[str] = []
+    delta: StreamDelta | None = first
+    try:
+        while delta is not None:
+            if delta.text:
+                pieces.append(delta.text)
+                yield event(
+                    {
+                        "type": "response.output_text.delta",
+                        **where,
+                        "delta": delta.text,
+                        "logprobs": [],
+                    }
+                )
+            if delta.result is not None:
+                text = "".join(pieces)
+                result = delta.result
+                status = "incomplete" if result.finish_reason == "length" else "completed"
+                item = oa_responses.output_message(item_id, status, text)
+                yield event(
+                    {"type": "response.output_text.done", **where, "text": text, "logprobs": []}
+                )
+                yield event(
+                    {
+                        "type": "response.content_part.done",
+                        **where,
+                        "part": oa_responses.output_text(text),
+                    }
+                )
+                yield event({"type": "response.output_item.done", "output_index": 0, "item": item})
+                yield event(
+                    {
+                        "type": f"response.{status}",
+                        "response": response(output=[item], result=result),
+                    }
+                )
+                return
+            delta = await anext(rest, None)
+    except BatchdError as exc:
+        # The 200 has been sent: a failure while generating is an error event.
+        yield event({"type": "error", "code": exc.code, "message": exc.message, "param": exc.param})
     finally:
         await aclose(rest)

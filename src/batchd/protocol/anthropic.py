@@ -52,6 +52,8 @@ _TEXT_BLOCK_KEYS = frozenset({"type", "text", "cache_control", "citations"})
 # Merged turns and multiple text blocks are joined by a blank line: the text-only chat
 # template has no notion of blocks, and gluing "...end." to "Question:" changes the prompt.
 _BLOCK_SEPARATOR = "\n\n"
+# Anthropic allows at most this many cache_control breakpoints in one request.
+MAX_CACHE_BREAKPOINTS = 4
 
 
 # Tags pydantic adds to an error's location for the member of a union that failed.
@@ -92,8 +94,10 @@ class MessageCreateRequest(_Strict):
     stop_sequences: list[str] | None = None
     metadata: MetadataParam | None = None
     stream: bool | None = None
-    # Accepted and without effect here: prompt caching is automatic (prefix sharing), there is
-    # one service tier, and inference runs where this server runs.
+    # A breakpoint on the last block (Anthropic's automatic caching): it decides what usage
+    # counts as cache reads and writes, as block-level ones do (``usage_dict``). The engine
+    # shares prefixes whether marked or not. There is one service tier, and inference runs
+    # where this server runs.
     cache_control: dict[str, Any] | None = None
     service_tier: Literal["auto", "standard_only"] | None = None
     inference_geo: str | None = None
@@ -119,26 +123,35 @@ class MessageCreateRequest(_Strict):
             raise _invalid("speed", "'fast' is not supported by this server.")
 
     def to_generation(self, priority: Priority = Priority.BATCH) -> GenerationRequest:
-        messages: list[ChatMessage] = []
+        # Each turn as its blocks: (text, whether the block carries cache_control).
+        turns: list[tuple[str, list[tuple[str, bool]]]] = []
         if self.system:
-            system = _text(self.system, "system")
-            if system:
-                messages.append(ChatMessage(role="system", content=system))
-        turns: list[tuple[str, list[str]]] = []
+            system = _blocks(self.system, "system")
+            if "".join(text for text, _ in system):
+                turns.append(("system", system))
         for index, message in enumerate(self.messages):
-            text = _text(message.content, f"messages.{index}.content")
+            blocks = _blocks(message.content, f"messages.{index}.content")
             if turns and turns[-1][0] == message.role:
-                turns[-1][1].append(text)  # Anthropic merges consecutive same-role turns
+                turns[-1][1].extend(blocks)  # Anthropic merges consecutive same-role turns
             else:
-                turns.append((message.role, [text]))
-        if turns and turns[-1][0] == "assistant" and not "".join(turns[-1][1]):
+                turns.append((message.role, blocks))
+        if turns and turns[-1][0] == "assistant" and not "".join(t for t, _ in turns[-1][1]):
             turns.pop()  # an empty prefill asks for nothing
+        if self.cache_control is not None and turns:
+            text, _ = turns[-1][1][-1]
+            turns[-1][1][-1] = (text, True)  # automatic caching: a breakpoint on the last block
         # A final assistant turn is a prefill: Anthropic continues that text. The chat template
         # can only close it and open a new assistant turn, so the reply follows the prefill
         # rather than extending it mid-sentence (a known limitation of the template path).
-        messages.extend(
-            ChatMessage(role=role, content=_BLOCK_SEPARATOR.join(parts)) for role, parts in turns
-        )
+        messages: list[ChatMessage] = []
+        prefixes: list[tuple[ChatMessage, ...]] = []
+        for role, blocks in turns:
+            for end, (_, marked) in enumerate(blocks):
+                if marked:
+                    upto = _BLOCK_SEPARATOR.join(t for t, _ in blocks[: end + 1])
+                    prefixes.append((*messages, ChatMessage(role=role, content=upto)))
+            content = _BLOCK_SEPARATOR.join(t for t, _ in blocks)
+            messages.append(ChatMessage(role=role, content=content))
         stop = tuple(s for s in self.stop_sequences or () if s)
         return GenerationRequest(
             model=self.model,
@@ -151,14 +164,45 @@ class MessageCreateRequest(_Strict):
             ),
             messages=tuple(messages),
             priority=priority,
+            cache_prefixes=tuple(prefixes),
         )
+
+    def _check_cache_breakpoints(self) -> None:
+        """At most ``MAX_CACHE_BREAKPOINTS`` blocks (and the request) carry cache_control, as
+        Anthropic allows; each an object."""
+        marked: list[str] = []
+        if self.cache_control is not None:
+            marked.append("cache_control")
+        sources: list[tuple[str, Any]] = [("system", self.system)]
+        sources += [(f"messages.{i}.content", m.content) for i, m in enumerate(self.messages)]
+        for path, content in sources:
+            if not isinstance(content, list):
+                continue
+            for index, block in enumerate(content):
+                if isinstance(block, dict) and block.get("cache_control") is not None:
+                    where = f"{path}.{index}.cache_control"
+                    if not isinstance(block["cache_control"], dict):
+                        raise _invalid(where, "Input should be a valid dictionary")
+                    marked.append(where)
+        if len(marked) > MAX_CACHE_BREAKPOINTS:
+            raise _invalid(
+                marked[MAX_CACHE_BREAKPOINTS],
+                f"A maximum of {MAX_CACHE_BREAKPOINTS} blocks with cache_control may be "
+                f"provided. Found {len(marked)}.",
+            )
 
 
 def _text(content: str | list[Any], path: str) -> str:
     """The text of a string or a list of text blocks; any other block is refused by name."""
+    return _BLOCK_SEPARATOR.join(text for text, _ in _blocks(content, path))
+
+
+def _blocks(content: str | list[Any], path: str) -> list[tuple[str, bool]]:
+    """The text blocks of a string or a list of them, each with whether it carries
+    cache_control; any other block is refused by name."""
     if isinstance(content, str):
-        return content
-    pieces = []
+        return [(content, False)]
+    pieces: list[tuple[str, bool]] = []
     for index, block in enumerate(content):
         where = f"{path}.{index}"
         kind = block.get("type") if isinstance(block, dict) else None
@@ -176,8 +220,8 @@ def _text(content: str | list[Any], path: str) -> str:
         extra = sorted(set(block) - _TEXT_BLOCK_KEYS)
         if extra:
             raise _invalid(f"{where}.{extra[0][:64]}", "Extra inputs are not permitted")
-        pieces.append(text)
-    return _BLOCK_SEPARATOR.join(pieces)
+        pieces.append((text, block.get("cache_control") is not None))
+    return pieces or [("", False)]  # an empty list is an empty text, as a string would be
 
 
 def parse_params(body: Any, *, in_batch: bool) -> MessageCreateRequest:
@@ -197,6 +241,7 @@ def parse_params(body: Any, *, in_batch: bool) -> MessageCreateRequest:
     if in_batch and parsed.stream:
         raise _invalid("stream", "streaming is not supported inside a batch.")
     parsed._refuse_unsupported()
+    parsed._check_cache_breakpoints()
     parsed.to_generation()  # checks every content block now, not when it is executed
     return parsed
 
@@ -216,15 +261,30 @@ def output_tokens(result: GenerationResult) -> int:
     return result.completion_tokens + (1 if stop_reason(result) == "end_turn" else 0)
 
 
+def cache_usage(result: GenerationResult) -> tuple[int, int, int]:
+    """``(input_tokens, cache_creation_input_tokens, cache_read_input_tokens)`` by Anthropic's
+    rule: only prefixes the request marked with ``cache_control`` count. The prompt up to the
+    last breakpoint is cache traffic, the rest plain input; of that, a read is the longest
+    marked prefix the engine found already computed (its shared-prefix tokens reach the
+    breakpoint), and the remainder up to the last breakpoint a write. Prefix sharing the
+    request did not mark is not a cache read here (OpenAI's ``cached_tokens`` and the
+    ``batchd_engine_cached_prompt_tokens`` metric show it)."""
+    prompt = result.prompt_tokens
+    marks = sorted(n for n in result.cache_prefix_tokens if 0 < n <= prompt)
+    if not marks:
+        return prompt, 0, 0
+    read = max((n for n in marks if n <= result.cached_tokens), default=0)
+    return prompt - marks[-1], marks[-1] - read, read
+
+
 def usage_dict(result: GenerationResult, service_tier: str) -> dict[str, Any]:
-    cached = min(result.cached_tokens, result.prompt_tokens)
+    uncached, created, read = cache_usage(result)
     return {
-        "input_tokens": result.prompt_tokens - cached,  # uncached input only
+        "input_tokens": uncached,  # after the last cache breakpoint
         "output_tokens": output_tokens(result),
-        "cache_creation_input_tokens": 0,
-        # Prefix sharing is automatic here, so a shared prefix counts as a cache read.
-        "cache_read_input_tokens": cached,
-        "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+        "cache_creation_input_tokens": created,
+        "cache_read_input_tokens": read,
+        "cache_creation": {"ephemeral_5m_input_tokens": created, "ephemeral_1h_input_tokens": 0},
         "server_tool_use": None,
         "service_tier": service_tier,
     }

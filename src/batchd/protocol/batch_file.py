@@ -80,8 +80,14 @@ def prefix_key(model: str, body: dict[str, Any]) -> str:
     # Requests that share everything but their final turn (typically a system prompt and
     # few-shot examples) get the same key, so the scheduler can lease them together.
     messages = body.get("messages")
+    # A Responses body: its instructions and its input items but the last (an embeddings
+    # body's input, a list of strings or token ids, is no conversation).
+    items = body.get("input")
+    items = items if isinstance(items, list) and all(isinstance(i, dict) for i in items) else []
     if isinstance(messages, list):
         shared: Any = messages[:-1]
+    elif items or isinstance(body.get("instructions"), str):
+        shared = [body.get("instructions"), items[:-1]]
     else:
         prompt = body.get("prompt")
         shared = prompt[:256] if isinstance(prompt, str) else None

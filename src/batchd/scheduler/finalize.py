@@ -82,7 +82,8 @@ def finalize_batch(
     batch_id: str,
     file_retention_seconds: int = OUTPUT_FILE_RETENTION_SECONDS,
 ) -> BatchStatus | None:
-    """Write the result files (kept ``file_retention_seconds``) and end the batch. Returns the
+    """Write the result files (kept the batch's ``output_expires_after``, else
+    ``file_retention_seconds``) and end the batch. Returns the
     final status, or None if the batch was not ready, another worker is finalizing it, or
     another finalizer committed first."""
     with store.finalize_lock(batch_id) as ours:
@@ -96,6 +97,8 @@ def _finalize(
     if batch is None or batch.status.terminal or batch.counts.unfinished:
         return None
     target = final_status(batch)
+    if batch.output_expires_after is not None:
+        retention_seconds = batch.output_expires_after
     if batch.surface == "anthropic":
         # Anthropic results are streamed from the rows on request: no files, just the end.
         if not store.finalize(batch_id, [batch.status], target, [], None, None):

@@ -302,6 +302,7 @@ class Scheduler:
                 self.settings,
                 batch_id,
                 self.owner,
+                self.engine.resolve_model,
             )
         except Exception:
             log.exception("validation crashed", extra={"action": "validation_crashed"})

@@ -9,6 +9,7 @@ the scheduler's result commits are never blocked for long; the batch only become
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import orjson
 
@@ -24,8 +25,15 @@ INSERT_CHUNK_ROWS = 2000
 
 
 def validate_batch(
-    store: Store, blobs: BlobStore, settings: Settings, batch_id: str, owner: str = "local"
+    store: Store,
+    blobs: BlobStore,
+    settings: Settings,
+    batch_id: str,
+    owner: str = "local",
+    resolve_model: Callable[[str], str | None] | None = None,
 ) -> BatchStatus:
+    """Validate the batch's file into rows. ``resolve_model`` (the engine's): the batch's
+    ``model`` names the served ids the file's models and aliases stand for."""
     batch = store.get_batch(batch_id)
     if batch is None or batch.status != BatchStatus.VALIDATING:
         return batch.status if batch else BatchStatus.FAILED
@@ -89,7 +97,7 @@ def validate_batch(
                 chunk = []
         if not store.insert_requests(batch_id, chunk, claim=(owner, claim_seconds)):
             return _stopped_mid_insert(store, batch_id)
-    model = report.models[0] if len(report.models) == 1 else ",".join(report.models[:8])
+    model = batch_model(report.models, resolve_model)
     if not store.transition(
         batch_id, [BatchStatus.VALIDATING], BatchStatus.IN_PROGRESS, claimed_by=owner, model=model
     ):
@@ -100,6 +108,18 @@ def validate_batch(
         extra={"action": "batch_validated", "batch_id": batch_id, "requests": report.request_count},
     )
     return BatchStatus.IN_PROGRESS
+
+
+def batch_model(
+    names: list[str], resolve_model: Callable[[str], str | None] | None = None
+) -> str | None:
+    """The batch's ``model``: the served model id the file's lines name (an alias resolved);
+    for a file naming several, their ids joined by commas in first-use order (at most 8). A
+    name no model serves is kept as written: its lines will answer 404."""
+    served: dict[str, None] = {}
+    for name in names:
+        served.setdefault((resolve_model(name) if resolve_model else None) or name)
+    return ",".join(list(served)[:8]) or None
 
 
 def _stopped_mid_insert(store: Store, batch_id: str) -> BatchStatus:

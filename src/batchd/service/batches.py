@@ -14,6 +14,7 @@ from batchd.clock import now
 from batchd.engines.base import Engine
 from batchd.errors import Conflict, InvalidRequest, NotFound
 from batchd.protocol.openai import bodies as oa_bodies
+from batchd.protocol.openai import expiry
 from batchd.protocol.openai import objects as oa_objects
 from batchd.service import idempotency
 from batchd.service.admission import create_batch_admitted
@@ -25,7 +26,7 @@ SURFACE = "openai"
 
 def batch_endpoints(engine: Engine) -> tuple[str, ...]:
     """Batch endpoints some served model can answer: embeddings only with an upstream
-    (``openai-http``) model; the embedded engine generates text only."""
+    (``openai-http``) model or the embedded engine's bundled embedding model."""
     if engine.supports_embeddings:
         return oa_bodies.SUPPORTED_BATCH_ENDPOINTS
     return tuple(
@@ -77,6 +78,11 @@ def _create_openai_batch(
         )
     window_seconds = oa_objects.parse_completion_window(body["completion_window"])
     metadata = oa_objects.check_metadata(body.get("metadata"))
+    output_expires_after = expiry.parse_expires_after(
+        body.get("output_expires_after"),
+        field="output_expires_after",
+        min_seconds=services.settings.min_expires_after_seconds,
+    )
     input_file_id = body["input_file_id"]
     if not isinstance(input_file_id, str):
         raise InvalidRequest("input_file_id must be a string.", param="input_file_id")
@@ -105,6 +111,7 @@ def _create_openai_batch(
             "metadata": orjson.dumps(metadata).decode() if metadata is not None else None,
             "created_at": created,
             "expires_at": created + window_seconds,
+            "output_expires_after": output_expires_after,
         },
         idempotency=idempotency,
     )

@@ -10,6 +10,7 @@ from batchd import failpoints, ids
 from batchd.blobs.base import Writer
 from batchd.clock import now
 from batchd.errors import Conflict, InvalidRequest, NotFound
+from batchd.protocol.openai import expiry
 from batchd.service import idempotency
 from batchd.service.services import Services
 from batchd.store.records import FileRecord, IdempotencyKey
@@ -60,12 +61,20 @@ def store_upload(
     filename: str | None,
     writer: Writer | None,
     idempotency_key: str | None = None,
+    expires_after: object = None,
 ) -> FileRecord:
     """Check the uploaded form, commit its bytes (``writer``, written but not yet committed)
     and register the file, once per ``idempotency_key``. Whatever fails, no bytes are left
-    behind that no row names; a repeat of an earlier upload keeps the first copy only."""
+    behind that no row names; a repeat of an earlier upload keeps the first copy only.
+    ``expires_after``: the form's expiration policy (``expiry.form_expires_after``)."""
     try:
         checked_purpose = _checked_upload(purpose, filename, writer)
+        expires_seconds = expiry.parse_expires_after(
+            expires_after,
+            field="expires_after",
+            min_seconds=services.settings.min_expires_after_seconds,
+            form=True,
+        )
         assert writer is not None  # _checked_upload refuses a form without a file
         size = writer.size
         digest = writer.sha256.hexdigest()
@@ -82,7 +91,9 @@ def store_upload(
             tenant=tenant,
             scope=idempotency.SCOPE_FILES,
             key=idempotency_key,
-            fingerprint=idempotency.fingerprint_upload(checked_purpose, name, digest),
+            fingerprint=idempotency.fingerprint_upload(
+                checked_purpose, name, digest, expires_seconds
+            ),
             create=lambda key: register_upload(
                 services,
                 tenant,
@@ -91,6 +102,7 @@ def store_upload(
                 blob=blob,
                 size=size,
                 idempotency=key,
+                expires_after_seconds=expires_seconds,
             ),
             fetch=lambda file_id: get_file(services, tenant, file_id),
         )
@@ -111,9 +123,18 @@ def register_upload(
     blob: str,
     size: int,
     idempotency: IdempotencyKey | None = None,
+    expires_after_seconds: int | None = None,
 ) -> FileRecord:
-    """The row of a file whose bytes are committed as ``blob``."""
+    """The row of a file whose bytes are committed as ``blob``. It expires
+    ``expires_after_seconds`` after upload when asked; else a ``batch`` file after the
+    server's file retention, and a file of another purpose never."""
     created = now()
+    if expires_after_seconds is not None:
+        expires_at: int | None = created + expires_after_seconds
+    elif purpose == "batch":
+        expires_at = created + services.settings.file_retention_seconds
+    else:
+        expires_at = None
     record = FileRecord(
         id=ids.file_id(),
         tenant=tenant,
@@ -121,9 +142,7 @@ def register_upload(
         purpose=purpose,
         bytes=size,
         created_at=created,
-        expires_at=(
-            created + services.settings.file_retention_seconds if purpose == "batch" else None
-        ),
+        expires_at=expires_at,
         blob=blob,
     )
     services.store.create_file(record, idempotency)

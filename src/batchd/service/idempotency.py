@@ -56,8 +56,13 @@ def fingerprint_json(body: Any) -> str:
     return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
-def fingerprint_upload(purpose: str, filename: str, content_sha256: str) -> str:
-    return fingerprint_json({"purpose": purpose, "filename": filename, "sha256": content_sha256})
+def fingerprint_upload(
+    purpose: str, filename: str, content_sha256: str, expires_after: int | None = None
+) -> str:
+    form: dict[str, object] = {"purpose": purpose, "filename": filename, "sha256": content_sha256}
+    if expires_after is not None:  # absent otherwise: fingerprints from before it stay valid
+        form["expires_after"] = expires_after
+    return fingerprint_json(form)
 
 
 def create_once(

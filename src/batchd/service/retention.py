@@ -1,8 +1,9 @@
 """Retention: expired files are deleted, and ended batches are archived once their time is up.
 
 - A file past its ``expires_at`` (batch input files 30 days after upload, result files 30 days
-  after they were written) loses its row and its bytes, unless it is the input of a batch that
-  has not ended: a running batch is never touched.
+  after they were written, or what the upload's ``expires_after`` or the batch's
+  ``output_expires_after`` asked for) loses its row and its bytes, unless it is the input of
+  a batch that has not ended: a running batch is never touched.
 - An ended batch is archived ``batch_data_retention_seconds`` after it ended (OpenAI) or
   ``anthropic_results_retention_seconds`` after it was created (Anthropic keeps results 29
   days): its prompts and results are dropped from the rows, its counts stay, and an Anthropic
@@ -55,9 +56,9 @@ def purge(store: Store, blobs: BlobStore, settings: Settings, at: int | None = N
         for record in expired:
             # Row first: a crash between the two leaves an orphan blob, which start-up
             # removes, never a row pointing at missing bytes.
-            store.remove_file(record.id)
-            blobs.delete(record.blob)
-            files += 1
+            if store.remove_file(record.id):  # not if a batch took it up since
+                blobs.delete(record.blob)
+                files += 1
     archived = 0
     while batch_ids := store.batches_to_archive(
         at,

@@ -46,6 +46,7 @@ def batch_record(row: Any) -> BatchRecord:
         cancelling_at=row.cancelling_at,
         cancelled_at=row.cancelled_at,
         archived_at=row.archived_at,
+        output_expires_after=row.output_expires_after,
     )
 
 

@@ -124,6 +124,7 @@ class BatchRecord:
     cancelling_at: int | None
     cancelled_at: int | None
     archived_at: int | None = None
+    output_expires_after: int | None = None  # seconds; None: the server's file retention
     counts: RequestCounts = field(default_factory=RequestCounts)
     usage: Usage = field(default_factory=Usage)
 

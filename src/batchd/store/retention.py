@@ -4,7 +4,7 @@ service's; these are its queries."""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, Select, func, select, update
 
 from batchd.store import schema
 from batchd.store.files import file_record
@@ -13,15 +13,21 @@ from batchd.store.records import TERMINAL_BATCH_STATUSES, FileRecord
 _TERMINAL = [s.value for s in TERMINAL_BATCH_STATUSES]
 
 
+def _inputs_in_use() -> Select[tuple[str]]:
+    """The input files of batches that have not ended: retention never removes them."""
+    b = schema.batches
+    return select(b.c.input_file_id).where(
+        b.c.input_file_id.is_not(None), b.c.status.not_in(_TERMINAL)
+    )
+
+
 class RetentionMixin:
     engine: Engine
 
     def expired_files(self, at: int, limit: int = 500) -> list[FileRecord]:
         """Files past ``expires_at``, except the input file of a batch that has not ended."""
-        f, b = schema.files, schema.batches
-        in_use = select(b.c.input_file_id).where(
-            b.c.input_file_id.is_not(None), b.c.status.not_in(_TERMINAL)
-        )
+        f = schema.files
+        in_use = _inputs_in_use()
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(f)
@@ -31,10 +37,16 @@ class RetentionMixin:
             ).all()
         return [file_record(r) for r in rows]
 
-    def remove_file(self, file_id: str) -> None:
-        """Remove a file row whatever its tenant (its blob is the caller's to remove)."""
+    def remove_file(self, file_id: str) -> bool:
+        """Remove a file row whatever its tenant (its blob is the caller's to remove), unless
+        a batch that has not ended reads it (one checked since ``expired_files`` ran); returns
+        whether it was removed."""
+        f = schema.files
         with self.engine.begin() as conn:
-            conn.execute(schema.files.delete().where(schema.files.c.id == file_id))
+            removed = conn.execute(
+                f.delete().where(f.c.id == file_id, f.c.id.not_in(_inputs_in_use()))
+            ).rowcount
+        return bool(removed)
 
     def batches_to_archive(
         self, at: int, *, openai_after_end: int, anthropic_after_creation: int, limit: int = 100

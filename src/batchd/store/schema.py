@@ -67,6 +67,8 @@ batches = Table(
     # The worker validating the batch, and until when (migration 0004).
     Column("claim_owner", String(64), nullable=True),
     Column("claim_expires_at", BigInteger, nullable=True),
+    # Seconds the output and error files are kept once written: output_expires_after (0007).
+    Column("output_expires_after", BigInteger, nullable=True),
     Index("ix_batches_tenant_seq", "tenant", "seq"),
     Index("ix_batches_status", "status"),
 )

@@ -49,7 +49,7 @@ def test_a_message_is_rendered_for_the_batch_tier() -> None:
     assert {k: v for k, v in message.items() if k != "id"} == {
         "type": "message",
         "role": "assistant",
-        "model": "default",
+        "model": "fake-echo",  # the served id the alias "default" stands for
         "content": [{"type": "text", "text": "echo:a echo:b"}],
         "stop_reason": "end_turn",
         "stop_sequence": None,

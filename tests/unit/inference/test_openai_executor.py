@@ -49,7 +49,7 @@ def test_chat_completion_wire_shape() -> None:
     assert body["id"].startswith("chatcmpl-")
     assert body["object"] == "chat.completion"
     assert isinstance(body["created"], int)
-    assert body["model"] == "default"  # the name asked for, not the served id
+    assert body["model"] == "fake-echo"  # the served id, not the alias asked for
     assert body["choices"] == [
         {
             "index": 0,

@@ -17,6 +17,7 @@ import pytest
 from batchd import failpoints
 from batchd.protocol import anthropic as am
 from batchd.scheduler.finalize import finalize_batch
+from batchd.store import schema
 from batchd.store.records import BatchStatus, RequestState
 from tests.unit.scheduler.conftest import (
     TENANT,
@@ -100,6 +101,23 @@ def test_result_files_are_registered_as_batch_output_files(harness: Harness) -> 
         assert (record.tenant, record.filename) == (TENANT, f"{batch_id}_{kind}.jsonl")
         assert record.bytes == harness.blobs.path(record.blob).stat().st_size
         assert record.expires_at - record.created_at == harness.settings.file_retention_seconds
+
+
+def test_result_files_expire_as_the_batch_s_output_expires_after_says(harness: Harness) -> None:
+    file_id = harness.upload([chat_line("a", "one"), chat_line("b", "x", model="no-such-model")])
+    batch_id = harness.openai_batch(file_id)
+    with harness.store.engine.begin() as conn:
+        conn.execute(
+            schema.batches.update()
+            .where(schema.batches.c.id == batch_id)
+            .values(output_expires_after=7200)
+        )
+    run_to_drained(harness.scheduler(RecordingEngine()))
+
+    batch = harness.batch(batch_id)
+    assert batch.output_file_id and batch.error_file_id
+    for record in harness.output_file_rows():
+        assert record.expires_at - record.created_at == 7200
 
 
 def test_request_counts_and_usage_match_the_rows(harness: Harness) -> None:

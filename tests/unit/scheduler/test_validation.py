@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import orjson
 
+from batchd.engines.fake import FakeEngine
 from batchd.protocol.batch_file import prefix_key
-from batchd.scheduler.validation import validate_batch
+from batchd.scheduler.validation import batch_model, validate_batch
 from batchd.store.records import BatchStatus, RequestState
 from tests.unit.scheduler.conftest import TENANT, Harness, chat_body, chat_line, chat_row
 
@@ -134,3 +135,26 @@ def test_a_live_validation_claim_is_left_to_its_holder(harness: Harness) -> None
     assert status == BatchStatus.VALIDATING
     assert harness.batch(batch_id).status == BatchStatus.VALIDATING
     assert harness.rows(batch_id) == []
+
+
+def test_the_batch_model_is_the_served_id_its_lines_name(harness: Harness) -> None:
+    file_id = harness.upload([chat_line("a", "x", model="default"), chat_line("b", "y")])
+    batch_id = harness.openai_batch(file_id)
+    validate_batch(
+        harness.store,
+        harness.blobs,
+        harness.settings,
+        batch_id,
+        "worker-1",
+        FakeEngine().resolve_model,
+    )
+    assert harness.batch(batch_id).model == "fake-echo", "the alias resolved, named once"
+
+
+def test_a_file_naming_several_models_names_their_served_ids_in_first_use_order() -> None:
+    served = {"default": "alpha", "alpha": "alpha", "beta": "beta"}
+    assert batch_model(["beta", "default", "alpha"], served.get) == "beta,alpha"
+    assert batch_model(["nobody"], served.get) == "nobody", "kept as written: its lines 404"
+    assert batch_model(["m1", "m2"]) == "m1,m2"
+    assert batch_model([f"m{i}" for i in range(10)]).count(",") == 7  # at most 8
+    assert batch_model([]) is None

@@ -42,7 +42,8 @@ def test_create_refuses_unknown_and_unsupported_endpoints(services: Services) ->
     assert (unknown.param, unknown.code) == ("endpoint", "invalid_value")
     # The fake engine, like the embedded one, generates text only.
     assert unknown.message == (
-        "Invalid endpoint '/v1/nope': expected one of /v1/chat/completions, /v1/completions."
+        "Invalid endpoint '/v1/nope': expected one of /v1/chat/completions, /v1/completions,"
+        " /v1/responses."
     )
     embeddings = refusal(services, batch_body(file.id, endpoint="/v1/embeddings"))
     assert (embeddings.param, embeddings.code) == ("endpoint", "unsupported_endpoint")
@@ -118,3 +119,32 @@ def test_message_batch_cancel_is_idempotent_until_it_ends(services: Services) ->
     assert refused.value.message == (
         f"Message batch {made.id} has already ended; it cannot be canceled."
     )
+
+
+def test_create_keeps_output_expires_after_for_the_result_files(services: Services) -> None:
+    file = upload(services)
+    policy = {"anchor": "created_at", "seconds": 7200}
+    batch = batches.create_openai_batch(
+        services, TENANT, batch_body(file.id, output_expires_after=policy)
+    )
+    assert batch.output_expires_after == 7200
+    plain = batches.create_openai_batch(services, TENANT, batch_body(upload(services).id))
+    assert plain.output_expires_after is None
+
+
+@pytest.mark.parametrize(
+    ("policy", "param"),
+    [
+        ({"anchor": "created_at", "seconds": 60}, "output_expires_after.seconds"),
+        ({"anchor": "created_at", "seconds": 2_592_001}, "output_expires_after.seconds"),
+        ({"anchor": "now", "seconds": 7200}, "output_expires_after.anchor"),
+        ("30d", "output_expires_after"),
+    ],
+)
+def test_create_refuses_an_output_expires_after_out_of_range_or_malformed(
+    services: Services, policy: Any, param: str
+) -> None:
+    file = upload(services)
+    error = refusal(services, batch_body(file.id, output_expires_after=policy))
+    assert error.param == param
+    assert services.store.list_batches(TENANT, "openai", after=None, limit=10)[0] == []

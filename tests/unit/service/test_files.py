@@ -8,8 +8,16 @@ import pytest
 from batchd.errors import Conflict, InvalidRequest, NotFound
 from batchd.service import batches, files
 from batchd.service.services import Services
-from batchd.store.records import BatchStatus
-from tests.unit.service.conftest import LINE, OTHER, TENANT, batch_body, blob_names, upload
+from batchd.store.records import BatchStatus, FileRecord
+from tests.unit.service.conftest import (
+    LINE,
+    OTHER,
+    TENANT,
+    MakeServices,
+    batch_body,
+    blob_names,
+    upload,
+)
 
 
 def test_upload_registers_the_file_with_a_clean_name(services: Services) -> None:
@@ -76,3 +84,39 @@ def test_files_of_another_tenant_are_not_found(services: Services) -> None:
             call(services, TENANT, theirs.id)
         assert missing.value.message == f"No such File object: {theirs.id}"
     assert blob_names(services) == [theirs.blob]
+
+
+def _upload_expiring(services: Services, policy: object, **form: str) -> FileRecord:
+    writer = services.blobs.new_writer()
+    writer.write(LINE)
+    return files.store_upload(
+        services,
+        TENANT,
+        purpose=form.get("purpose", "batch"),
+        filename="in.jsonl",
+        writer=writer,
+        expires_after=policy,
+    )
+
+
+def test_an_upload_s_expires_after_sets_its_expires_at(services: Services) -> None:
+    policy = {"anchor": "created_at", "seconds": 7200}
+    record = _upload_expiring(services, policy)
+    assert record.expires_at == record.created_at + 7200
+    # A purpose that otherwise never expires does when asked.
+    vision = _upload_expiring(services, policy, purpose="vision")
+    assert vision.expires_at == vision.created_at + 7200
+
+
+def test_an_upload_s_expires_after_below_the_least_is_refused_and_leaves_no_bytes(
+    make_services: MakeServices,
+) -> None:
+    services = make_services()
+    with pytest.raises(InvalidRequest) as refused:
+        _upload_expiring(services, {"anchor": "created_at", "seconds": 60})
+    assert refused.value.param == "expires_after[seconds]"
+    assert blob_names(services) == []
+    # A server set up for tests accepts less.
+    quick = make_services(min_expires_after_seconds=2)
+    record = _upload_expiring(quick, {"anchor": "created_at", "seconds": 2})
+    assert record.expires_at == record.created_at + 2

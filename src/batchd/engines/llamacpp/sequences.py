@@ -33,6 +33,7 @@ class SequenceState:
     sampler: Any
     n_past: int = 0  # tokens whose KV is computed
     cached: int = 0  # prompt tokens copied from another sequence instead of computed
+    cache_marks: tuple[int, ...] = ()  # the request's cache_prefixes, in prompt tokens
     donor: SequenceState | None = None  # waiting for this sequence to compute our prefix
     share_len: int = 0
     pending: int | None = None  # sampled, not yet decoded

@@ -8,7 +8,7 @@ from typing import Any
 import jinja2.sandbox
 import llama_cpp
 
-from batchd.engines.base import GenerationRequest
+from batchd.engines.base import ChatMessage, GenerationRequest
 from batchd.errors import InvalidRequest
 
 
@@ -67,11 +67,41 @@ class Tokenizer:
                     f"Model {self.model_id} has no chat template; use /v1/completions.",
                     param="messages",
                 )
-            text = self.template.render(
-                messages=[{"role": m.role, "content": m.content} for m in request.messages],
-                add_generation_prompt=True,
-                bos_token=self.bos_text,
-                eos_token=self.eos_text,
-            )
-            return self.tokenize(text, add_special=False)
+            return self._chat_tokens(request.messages, add_generation_prompt=True)
         return self.tokenize(request.prompt or "", add_special=self.add_bos)
+
+    def _chat_tokens(
+        self, messages: tuple[ChatMessage, ...], *, add_generation_prompt: bool
+    ) -> list[int]:
+        assert self.template is not None
+        text = self.template.render(
+            messages=[{"role": m.role, "content": m.content} for m in messages],
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_text,
+            eos_token=self.eos_text,
+        )
+        return self.tokenize(text, add_special=False)
+
+    def cache_prefix_lengths(
+        self, request: GenerationRequest, prompt: list[int]
+    ) -> tuple[int, ...]:
+        """How many of ``prompt``'s tokens each of the request's ``cache_prefixes`` covers:
+        the prefix is rendered through the chat template on its own, and its length is how
+        far its tokens agree with the whole prompt's (the turn-closing markers a prefix ends
+        with are not the prompt's, so they do not count)."""
+        if not request.cache_prefixes or self.template is None:
+            return ()
+        lengths = []
+        for messages in request.cache_prefixes:
+            try:
+                tokens = self._chat_tokens(messages, add_generation_prompt=False)
+            except Exception:  # a template that refuses a partial conversation: no mark
+                lengths.append(0)
+                continue
+            agree = 0
+            for ours, theirs in zip(tokens, prompt, strict=False):
+                if ours != theirs:
+                    break
+                agree += 1
+            lengths.append(agree)
+        return tuple(lengths)

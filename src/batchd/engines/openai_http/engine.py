@@ -22,6 +22,8 @@ import orjson
 
 from batchd import metrics
 from batchd.engines.base import (
+    EmbedRequest,
+    EmbedResult,
     ForwardRequest,
     ForwardResponse,
     ForwardStream,
@@ -231,6 +233,10 @@ class OpenAIHttpEngine:
         yield StreamDelta(
             text="", result=stream_result(pieces, finish, usage, body, answer.attempts)
         )
+
+    async def embed(self, request: EmbedRequest) -> EmbedResult:
+        # Never called: an upstream's /v1/embeddings bodies are passed through (forward).
+        raise EngineError("an upstream model's embeddings are passed through, not embedded here")
 
     # ------------------------------------------------------------ internals
 

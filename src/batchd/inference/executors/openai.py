@@ -1,5 +1,5 @@
 """The executor for OpenAI batch requests (/v1/chat/completions, /v1/completions,
-/v1/embeddings).
+/v1/embeddings, /v1/responses).
 
 A body only the engine can judge wrong (unknown model, context overflow, malformed messages)
 becomes an errored outcome in OpenAI's error shape for that line alone. A model served by an
@@ -50,6 +50,12 @@ async def execute_openai(
         prompt_tokens=answer.result.prompt_tokens,
         completion_tokens=answer.result.completion_tokens,
         cached_tokens=answer.result.cached_tokens,
+        # A Responses line for an upstream model is sent on as a chat completion.
+        upstream_attempts=(
+            context.prior_attempts + answer.result.attempts
+            if engine.passthrough(plan.request.model) is not None
+            else 0
+        ),
     )
 
 

@@ -9,15 +9,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from batchd.engines.base import (
     ChatMessage,
+    EmbedRequest,
     GenerationRequest,
     Priority,
     SamplingParams,
 )
 from batchd.errors import InvalidRequest
 
-# /v1/embeddings runs only on engines that serve embeddings (upstream ones); a batch for it
-# is refused at creation when no served model can answer it.
-SUPPORTED_BATCH_ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings")
+# /v1/embeddings runs only on engines that serve embeddings (upstream ones, and the embedded
+# engine's bundled embedding model); a batch for it is refused at creation when no served
+# model can answer it.
+SUPPORTED_BATCH_ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+)
 EMBEDDINGS_ENDPOINT = "/v1/embeddings"
 # Fields by which a client library or proxy lets a caller pick the server, the credentials or
 # extra HTTP parts of a request. A body must never choose where it is sent or as whom: only
@@ -59,6 +66,7 @@ KNOWN_BATCH_ENDPOINTS = (
     "/v1/videos",
 )
 MAX_STOP_SEQUENCES = 4
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the items of one embeddings input
 # [REC] OpenAI documents no count; 1,024 biased tokens is beyond any real use and keeps a
 # hostile body (a million entries) from costing more than a length check.
 MAX_LOGIT_BIAS_ENTRIES = 1024
@@ -237,6 +245,26 @@ class EmbeddingRequest(_Body):
             raise ValueError("must not be an empty list")
         return value
 
+    def to_embedding(self, priority: Priority = Priority.BATCH) -> EmbedRequest:
+        """The texts to embed in-process: a string or a list of strings (token arrays are
+        tiktoken ids, meaningless to another model's vocabulary, so refused)."""
+        if isinstance(self.input, str):
+            inputs: tuple[str, ...] = (self.input,)
+        elif all(isinstance(item, str) for item in self.input):
+            inputs = tuple(str(item) for item in self.input)
+        else:
+            raise InvalidRequest(
+                "Token arrays as input are not supported by this server's embedding model:"
+                " send text (a string or a list of strings).",
+                param="input",
+            )
+        if len(inputs) > MAX_EMBEDDING_INPUTS:
+            raise InvalidRequest(
+                f"At most {MAX_EMBEDDING_INPUTS} inputs per request; got {len(inputs)}.",
+                param="input",
+            )
+        return EmbedRequest(self.model, inputs, dimensions=self.dimensions, priority=priority)
+
 
 def routing_field(body: dict[str, Any]) -> str | None:
     """The first field of ``body`` that would choose a destination or credentials."""
@@ -272,8 +300,8 @@ def parse_body(endpoint: str, body: Any) -> ChatCompletionRequest | CompletionRe
     parsed = check_body(endpoint, body)
     if isinstance(parsed, EmbeddingRequest):
         raise InvalidRequest(
-            f"The model '{parsed.model[:200]}' runs on the embedded llama.cpp engine, which does"
-            " not serve embeddings; embeddings are served by upstream (openai-http) models.",
+            f"The model '{parsed.model[:200]}' is not served for /v1/embeddings here: an"
+            " embeddings body runs as an embedding request (EmbeddingRequest.to_embedding).",
             param="model",
             code="unsupported_endpoint",
         )
