@@ -8,33 +8,17 @@ the field."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.support.helpers import chat_line, jsonl, wait_for
+from tests.support.helpers import chat_line, eventually, file_gone, jsonl, wait_for
 from tests.support.serverproc import running_server
 
 KEY = "expiry-key-01"
 LONG_BATCH_REQUESTS = 300
-
-
-def eventually(predicate: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not reached in {timeout}s: {what}"
-        time.sleep(0.2)
-
-
-def file_gone(client: openai.OpenAI, file_id: str) -> bool:
-    try:
-        client.files.retrieve(file_id)
-    except openai.NotFoundError:
-        return True
-    return False
 
 
 def expiring(seconds: int) -> dict[str, object]:

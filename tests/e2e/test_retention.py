@@ -6,8 +6,6 @@ counts), and the input file of a batch that is still running is never purged."""
 from __future__ import annotations
 
 import sqlite3
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +14,12 @@ import httpx
 import openai
 import pytest
 
-from tests.support.helpers import chat_line, upload, wait_for
+from tests.support.helpers import chat_line, eventually, file_gone, upload, wait_for
 from tests.support.serverproc import ServerProcess, running_server
 
 KEY = "retention-key-01"
 FILE_RETENTION_SECONDS = 6
 LONG_BATCH_REQUESTS = 300
-
-
-def eventually(predicate: Callable[[], bool], what: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not reached in {timeout}s: {what}"
-        time.sleep(0.2)
-
-
-def file_gone(client: openai.OpenAI, file_id: str) -> bool:
-    try:
-        client.files.retrieve(file_id)
-    except openai.NotFoundError:
-        return True
-    return False
 
 
 def archived_at(server: ServerProcess, batch_id: str) -> int | None:

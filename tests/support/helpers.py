@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -99,3 +99,19 @@ def create_message_batch(url: str, custom_id: str = "m0", *, key: str = API_KEY)
     )
     assert created.status_code == 200, created.text
     return str(created.json()["id"])
+
+
+def eventually(predicate: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    """Until ``predicate()`` holds; fails naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not reached in {timeout}s: {what}"
+        time.sleep(0.2)
+
+
+def file_gone(client: openai.OpenAI, file_id: str) -> bool:
+    try:
+        client.files.retrieve(file_id)
+    except openai.NotFoundError:
+        return True
+    return False

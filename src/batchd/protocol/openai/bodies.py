@@ -86,6 +86,24 @@ class _TextPart(BaseModel):
     text: str
 
 
+def join_text_parts(
+    parts: list[dict[str, Any]], text_types: tuple[str, ...], param: str, expected: str
+) -> str:
+    """The text of a content list whose parts must all be text (of ``text_types``); a 400
+    naming the first other part (``param`` is the list's path)."""
+    pieces = []
+    for part_index, part in enumerate(parts):
+        kind = part.get("type")
+        if kind not in text_types or not isinstance(part.get("text"), str):
+            raise InvalidRequest(
+                f"Content part of type {str(kind)[:100]!r} is not supported by this model; "
+                f"only {expected} parts are.",
+                param=f"{param}[{part_index}]",
+            )
+        pieces.append(part["text"])
+    return "".join(pieces)
+
+
 class ChatMessageIn(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
@@ -96,17 +114,7 @@ class ChatMessageIn(_Body):
             return ""
         if isinstance(self.content, str):
             return self.content
-        pieces = []
-        for part_index, part in enumerate(self.content):
-            kind = part.get("type")
-            if kind != "text" or not isinstance(part.get("text"), str):
-                raise InvalidRequest(
-                    f"Content part of type {kind!r} is not supported by this model; "
-                    "only text parts are.",
-                    param=f"messages[{index}].content[{part_index}]",
-                )
-            pieces.append(part["text"])
-        return "".join(pieces)
+        return join_text_parts(self.content, ("text",), f"messages[{index}].content", "text")
 
 
 class _SamplingFields(_Body):

@@ -25,7 +25,13 @@ from batchd.engines.base import (
     SamplingParams,
 )
 from batchd.errors import InvalidRequest
-from batchd.protocol.openai.bodies import INT64, _Body, _loc_to_param, refuse_routing_fields
+from batchd.protocol.openai.bodies import (
+    INT64,
+    _Body,
+    _loc_to_param,
+    join_text_parts,
+    refuse_routing_fields,
+)
 
 RESPONSES_ENDPOINT = "/v1/responses"
 
@@ -55,17 +61,9 @@ class InputMessage(_Body):
     def text(self, index: int) -> str:
         if isinstance(self.content, str):
             return self.content
-        pieces = []
-        for part_index, part in enumerate(self.content):
-            kind = part.get("type")
-            if kind not in _TEXT_PART_TYPES or not isinstance(part.get("text"), str):
-                raise InvalidRequest(
-                    f"Content part of type {str(kind)[:100]!r} is not supported by this model;"
-                    " only input_text parts are.",
-                    param=f"input[{index}].content[{part_index}]",
-                )
-            pieces.append(part["text"])
-        return "".join(pieces)
+        return join_text_parts(
+            self.content, _TEXT_PART_TYPES, f"input[{index}].content", "input_text"
+        )
 
 
 class ResponsesRequest(_Body):
