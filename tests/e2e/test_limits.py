@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from tests.support.helpers import chat_line, jsonl, upload, wait_for
-from tests.support.serverproc import ServerProcess, free_port, running_server
+from tests.support.serverproc import ServerProcess, free_port, running_server, stop_process
 
 KEY, QUEUE_KEY = "limits-key-0001", "limits-queue-01"
 MAX_UPLOAD_BYTES = 4096
@@ -469,9 +469,4 @@ def test_racing_creates_across_two_api_replicas_on_postgresql(
             ), message
     finally:
         for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=30)
+            stop_process(proc)

@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.support.helpers import chat_line, read_jsonl, upload, wait_for
-from tests.support.serverproc import free_port
+from tests.support.serverproc import free_port, stop_process
 
 KEY_A, KEY_B = "scale-key-a", "scale-key-b"
 LEASE_SECONDS = 4
@@ -67,13 +67,8 @@ class Proc:
         self.proc.wait(timeout=60)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=30)
+        if self.proc is not None:
+            stop_process(self.proc)
 
 
 def wait_healthy(api: Proc, port: int, timeout: float = 180) -> None:

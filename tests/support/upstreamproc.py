@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from batchd.engines.llamacpp.model_files import bundled_gguf
-from tests.support.serverproc import free_port
+from tests.support.serverproc import free_port, stop_process
 
 UPSTREAM_MODEL = "smollm2-upstream"
 STARTUP_TIMEOUT_SECONDS = 120
@@ -73,9 +73,4 @@ def llama_server(log_dir: Path, *, n_threads: int = 1, embedding: bool = False) 
             time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
+        stop_process(proc, timeout=20)

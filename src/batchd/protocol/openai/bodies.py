@@ -3,7 +3,7 @@ and converted to engine requests (``to_generation``); the batch endpoints and ro
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -72,6 +72,9 @@ MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the items of one embeddings inp
 MAX_LOGIT_BIAS_ENTRIES = 1024
 INT64 = 2**63
 SYSTEM_FINGERPRINT = "fp_batchd"
+
+
+BodyT = TypeVar("BodyT", bound=BaseModel)
 
 
 class _Body(BaseModel):
@@ -331,6 +334,11 @@ def check_body(
         model_cls = EmbeddingRequest
     else:
         model_cls = CompletionRequest
+    return validated(model_cls, body)
+
+
+def validated(model_cls: type[BodyT], body: Any) -> BodyT:
+    """``body`` as ``model_cls``, or a 400 naming the first field that is wrong."""
     try:
         return model_cls.model_validate(body)
     except ValidationError as exc:

@@ -31,6 +31,7 @@ from batchd.protocol.openai.bodies import (
     _loc_to_param,
     join_text_parts,
     refuse_routing_fields,
+    validated,
 )
 
 RESPONSES_ENDPOINT = "/v1/responses"
@@ -164,16 +165,7 @@ def parse_request(body: Any) -> ResponsesRequest:
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.", param="body")
     refuse_routing_fields(body)
-    try:
-        return ResponsesRequest.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        param = _loc_to_param(tuple(first["loc"]))
-        raise InvalidRequest(
-            f"Invalid '{param}': {first['msg']}.",
-            param=param,
-            code="missing_required_parameter" if first["type"] == "missing" else "invalid_value",
-        ) from None
+    return validated(ResponsesRequest, body)
 
 
 # ------------------------------------------------------------------ answers
