@@ -100,6 +100,15 @@ def self_proxy(gateway_port: int) -> Iterator[FaultProxy]:
 
 
 @pytest.fixture(scope="module")
+def native_proxy(gateway_port: int) -> Iterator[FaultProxy]:
+    """In front of the gateway's own embedded model too: an upstream that serves
+    /v1/responses itself, as vLLM does."""
+    p = FaultProxy(f"http://127.0.0.1:{gateway_port}").start()
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
 def canary() -> Iterator[Canary]:
     c = Canary()
     yield c
@@ -157,8 +166,17 @@ max_concurrency = 2
     )
 
 
-def more_models(tpm: FaultProxy, one: FaultProxy, self_upstream: FaultProxy) -> str:
+def more_models(
+    tpm: FaultProxy, one: FaultProxy, self_upstream: FaultProxy, native: FaultProxy
+) -> str:
     return f"""
+[models.self-native]
+engine = "openai-http"
+base_url = "{native.url}/v1"
+upstream_model = "local"
+api_key_env = "SELF_TEST_KEY"
+responses = "native"
+
 [models.smol-tpm]
 engine = "openai-http"
 base_url = "{tpm.url}/v1"
@@ -192,11 +210,12 @@ def gateway(
     tpm_proxy: FaultProxy,
     one_proxy: FaultProxy,
     self_proxy: FaultProxy,
+    native_proxy: FaultProxy,
     gateway_port: int,
 ) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("gateway")
     config = root / "batchd.toml"
-    extra = more_models(tpm_proxy, one_proxy, self_proxy)
+    extra = more_models(tpm_proxy, one_proxy, self_proxy, native_proxy)
     config.write_text(registry_toml(proxy, limited_proxy, closed_port(), pool, extra))
     server = ServerProcess(
         data_dir=root / "data",
@@ -264,6 +283,7 @@ def test_models_lists_each_model_with_its_engine(oa: openai.OpenAI) -> None:
         "smol-tpm": "openai-http",
         "smol-one": "openai-http",
         "self-tpm": "openai-http",
+        "self-native": "openai-http",
         "down": "openai-http",
     }
 
@@ -967,3 +987,45 @@ def test_responses_for_an_upstream_model_are_sent_as_chat_completions(
     # Four requests (a slow upstream may see a retry past the model's timeout), all chat.
     assert {seen.path for seen in proxy.seen} == {"/v1/chat/completions"}
     assert len(proxy.seen) >= 4
+
+
+def test_responses_go_natively_to_an_upstream_configured_for_them(
+    oa: openai.OpenAI, native_proxy: FaultProxy
+) -> None:
+    # self-native's upstream (this gateway's own embedded model, as vLLM would be) serves
+    # /v1/responses: bodies go there as they are, and its response objects come back.
+    native_proxy.reset_stats()
+    response = oa.responses.create(
+        model="self-native", instructions="Be brief.", input="Say hi.", max_output_tokens=4
+    )
+    assert response.id.startswith("resp_") and response.output_text
+    assert response.model == "local"  # the upstream's own answer, as it sent it
+    assert response.usage is not None and response.usage.input_tokens > 0
+    events = list(
+        oa.responses.create(model="self-native", input="Say hi.", max_output_tokens=4, stream=True)
+    )
+    assert events[0].type == "response.created"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    lines = [
+        {
+            "custom_id": f"n-{i}",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {
+                "model": "self-native",
+                "input": f"Name a fruit, {i}.",
+                "max_output_tokens": 4,
+            },
+        }
+        for i in range(2)
+    ]
+    batch, output, errors = run_batch(oa, lines, endpoint="/v1/responses")
+    assert batch.status == "completed" and errors == []
+    assert sorted(row["custom_id"] for row in output) == ["n-0", "n-1"]
+    for row in output:
+        body = row["response"]["body"]
+        assert body["object"] == "response" and body["model"] == "local"
+        assert body["usage"]["input_tokens"] > 0
+    assert batch.usage is not None and batch.usage.input_tokens > 0
+    assert {seen.path for seen in native_proxy.seen} == {"/v1/responses"}
+    assert len(native_proxy.seen) == 4

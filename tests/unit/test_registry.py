@@ -42,6 +42,13 @@ def test_a_good_registry_parses_and_reads_the_key_from_the_environment() -> None
     assert big.urls == ("http://a:8000/v1", "http://b:8000/v1")
     assert reg.api_keys["big"] == "sk-1"
     assert reg.llamacpp.max_seqs == 8
+    assert big.responses == "chat"  # Responses requests are translated unless told otherwise
+    native = registry.parse(
+        GOOD.replace("max_concurrency = 4", 'max_concurrency = 4\nresponses = "native"'),
+        source="t.toml",
+        environ={"BIG_KEY": "sk-1"},
+    )
+    assert native.upstream_models()["big"].responses == "native"
 
 
 @pytest.mark.parametrize(
@@ -66,6 +73,11 @@ def test_a_good_registry_parses_and_reads_the_key_from_the_environment() -> None
             + '\n[models.other]\nengine = "openai-http"\nbase_url = "http://c/v1"\naliases = ["default"]\n',
             {"BIG_KEY": "k"},
             "'default' already names",
+        ),
+        (
+            GOOD.replace("max_concurrency = 4", 'responses = "both"'),
+            {"BIG_KEY": "k"},
+            "models.big.responses",
         ),
         ("[llamacpp]\n", {}, "models"),
         ('[models.x]\nengine = "openai-http"\n', {}, "exactly one of base_url or base_urls"),

@@ -156,6 +156,10 @@ class PassthroughEngine(Protocol):
     """An engine that can also take OpenAI bodies as they are (an upstream HTTP server), so
     nothing the upstream supports is lost by a round trip through ``GenerationRequest``."""
 
+    # Whether Responses API bodies go to the upstream's own /v1/responses as they are; if not,
+    # they run as generation requests (which an upstream sends on as chat completions).
+    native_responses: bool
+
     async def forward(self, request: ForwardRequest) -> ForwardResponse: ...
 
     async def forward_stream(self, request: ForwardRequest) -> ForwardStream: ...

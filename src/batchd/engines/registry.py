@@ -74,6 +74,10 @@ class OpenAIHttpModel(_Strict):
     timeout_seconds: float = Field(default=600, gt=0)
     # Tokens assumed for a completion whose body sets no max_tokens, until usage corrects it.
     default_completion_tokens: int = Field(default=256, ge=1)
+    # How Responses API requests reach the upstream: "native" passes them to its own
+    # /v1/responses (vLLM, OpenAI); "chat" (the default, for servers without one) sends
+    # each as a chat completion and converts the answer back.
+    responses: Literal["chat", "native"] = "chat"
 
     @field_validator("base_url", "base_urls", mode="after")
     @classmethod

@@ -12,8 +12,10 @@ requests carry their batch's deadline, until which an upstream engine may keep r
 Models served by an upstream (``openai-http``) engine take OpenAI bodies as they are: only
 types, ranges and routing fields are checked here, the embedded engine's own limits (``n=1``,
 no ``logit_bias``...) are not applied, and the upstream's status and body come back as sent.
-A Responses API body is the exception: it always becomes a ``GenerationRequest`` (checked by
-the Responses rules), which an upstream engine sends on as a chat completion.
+A Responses API body is passed through only to an upstream configured with
+``responses = "native"`` (its own ``/v1/responses``); otherwise it becomes a
+``GenerationRequest`` (checked by the Responses rules), which an upstream engine sends on as a
+chat completion.
 """
 
 from __future__ import annotations
@@ -157,12 +159,20 @@ def plan_openai(
 
 def _plan_response(
     engine: Engine, body: Any, priority: Priority, deadline: float | None
-) -> Generate:
-    """A Responses body always becomes a generation request: the embedded engine runs it, and
-    an upstream (openai-http) engine sends it on as a chat completion."""
+) -> Forward | Generate:
+    """A Responses body goes as it is to an upstream configured with ``responses = "native"``;
+    otherwise it becomes a generation request: the embedded engine runs it, and an upstream
+    engine sends it on as a chat completion."""
     parsed = oa_responses.parse_request(body)
-    if engine.resolve_model(parsed.model) is None:
+    served = engine.resolve_model(parsed.model)
+    if served is None:
         raise ModelNotFound(parsed.model)
+    upstream = engine.passthrough(served)
+    if upstream is not None and upstream.native_responses:
+        forwarded = ForwardRequest(
+            served, oa_responses.RESPONSES_ENDPOINT, body, priority, deadline=deadline
+        )
+        return Forward(upstream, forwarded, stream=body.get("stream") is True)
     generation = resolve(engine, parsed.to_generation(priority))
     return Generate(oa_responses.RESPONSES_ENDPOINT, parsed, replace(generation, deadline=deadline))
 

@@ -36,6 +36,7 @@ class StubUpstream:
     kind: str = "openai-http"
     supports_embeddings: bool = True
     computes_locally: bool = False
+    native_responses: bool = False
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(id=UPSTREAM_MODEL, context_length=None, aliases=("up",))]

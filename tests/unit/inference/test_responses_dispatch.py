@@ -14,7 +14,7 @@ from openai.lib.streaming.responses import ResponseStreamState
 from openai.types.responses import Response, ResponseStreamEvent
 from pydantic import TypeAdapter
 
-from batchd.engines.base import GenerationResult, Priority
+from batchd.engines.base import ForwardResponse, GenerationResult, Priority
 from batchd.engines.fake import FakeEngine
 from batchd.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound
 from batchd.inference import dispatch
@@ -168,3 +168,38 @@ def test_the_sdks_stream_helper_accumulates_the_final_response() -> None:
     completed = handled[-1]
     assert completed.type == "response.completed"
     assert completed.response.output_text == "echo:one echo:two echo:three"
+
+
+def test_an_upstream_with_native_responses_gets_the_body_as_it_is() -> None:
+    upstream_body = {
+        "id": "resp_up",
+        "object": "response",
+        "model": UPSTREAM_MODEL,
+        "usage": {
+            "input_tokens": 7,
+            "output_tokens": 3,
+            "input_tokens_details": {"cached_tokens": 2},
+        },
+    }
+    answer = ForwardResponse(200, orjson.dumps(upstream_body), 2, 7, 3, 2)
+    upstream = StubUpstream(answer=answer, native_responses=True)
+    # Fields our own Responses rules refuse are the upstream's to judge.
+    body = {"model": "up", "input": "hi", "tools": [{"type": "web_search"}]}
+    outcome = asyncio.run(execute(upstream, RESPONSES, orjson.dumps(body), RunContext()))
+    assert upstream.generated == []
+    (forwarded,) = upstream.forwarded
+    assert (forwarded.endpoint, forwarded.model, forwarded.body) == (
+        RESPONSES,
+        UPSTREAM_MODEL,
+        body,
+    )
+    assert outcome.state is RequestState.SUCCEEDED
+    assert orjson.loads(outcome.result) == upstream_body
+    assert (outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens) == (7, 3, 2)
+    assert outcome.upstream_attempts == 2
+    # Types are still ours to check, and a realtime stream is relayed.
+    with pytest.raises(InvalidRequest) as excinfo:
+        dispatch.plan_openai(upstream, RESPONSES, {**body, "max_output_tokens": 0}, Priority.BATCH)
+    assert excinfo.value.param == "max_output_tokens"
+    plan = dispatch.plan_openai(upstream, RESPONSES, {**body, "stream": True}, Priority.REALTIME)
+    assert isinstance(plan, dispatch.Forward) and plan.stream

@@ -94,12 +94,22 @@ def stream_result(
 def response_usage(body: bytes) -> tuple[int, int, int]:
     """(prompt, completion, cached) tokens from an OpenAI response body, 0s if absent."""
     try:
-        usage = orjson.loads(body).get("usage") or {}
-        prompt = int(usage.get("prompt_tokens") or 0)
-        completion = int(usage.get("completion_tokens") or 0)
-        details = usage.get("prompt_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0)
-    except (orjson.JSONDecodeError, AttributeError, TypeError, ValueError):
+        return usage_counts(orjson.loads(body).get("usage"))
+    except (orjson.JSONDecodeError, AttributeError):
+        return 0, 0, 0
+
+
+def usage_counts(usage: Any) -> tuple[int, int, int]:
+    """(prompt, completion, cached) tokens of a ``usage`` object, in the chat and completion
+    shape (``prompt_tokens``...) or the Responses API's (``input_tokens``...); 0s if absent."""
+    if not isinstance(usage, dict):
+        return 0, 0, 0
+    try:
+        prompt = int(usage.get("prompt_tokens") or usage.get("input_tokens") or 0)
+        completion = int(usage.get("completion_tokens") or usage.get("output_tokens") or 0)
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+    except (TypeError, ValueError):
         return 0, 0, 0
     return prompt, completion, cached
 

@@ -70,6 +70,7 @@ class OpenAIHttpEngine:
         self.model_id = model_id
         self.config = config
         self.upstream_model = config.upstream_model or model_id
+        self.native_responses = config.responses == "native"
         self.names = {model_id, *config.aliases}
         self.pool = Pool(
             [

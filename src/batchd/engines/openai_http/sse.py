@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 
+from batchd.engines.openai_http.bodies import usage_counts
 from batchd.errors import UpstreamError
 
 
@@ -41,13 +42,14 @@ class StreamUsage:
             return
         try:
             event = orjson.loads(line[5:])
-            usage = event.get("usage") if isinstance(event, dict) else None
-            if not isinstance(usage, dict):
-                return
-            prompt = int(usage.get("prompt_tokens") or 0)
-            completion = int(usage.get("completion_tokens") or 0)
-        except (orjson.JSONDecodeError, TypeError, ValueError):
+        except orjson.JSONDecodeError:
             return
+        if not isinstance(event, dict):
+            return
+        usage = event.get("usage")
+        if usage is None and isinstance(event.get("response"), dict):
+            usage = event["response"].get("usage")  # a Responses stream's response.completed
+        prompt, completion, _ = usage_counts(usage)
         if prompt or completion:
             self.found = True
             self.prompt, self.completion = prompt, completion
