@@ -25,6 +25,7 @@ from batchd.config import Settings
 from batchd.engines.base import Engine, RetryLater
 from batchd.inference.executors.base import RunContext
 from batchd.inference.executors.registry import execute
+from batchd.scheduler.completions import CompletionWriter
 from batchd.scheduler.finalize import finalize_batch
 from batchd.scheduler.validation import validate_batch
 from batchd.store.records import (
@@ -60,6 +61,7 @@ class Scheduler:
         self.engine = engine
         self.settings = settings
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+        self._completions = CompletionWriter(store.complete_many, self.owner)
         self._wake = asyncio.Event()
         # A finished request only needs its slot refilled (and, if it was its batch's last
         # one here, the batch looked at); the full tick (validations, expiry, cancels, every
@@ -433,7 +435,7 @@ class Scheduler:
                 )
                 return
             self._done_working(item)  # from here a lost lease costs nothing: the fence decides
-            committed = await asyncio.to_thread(self.store.complete, item, self.owner, outcome)
+            committed = await self._completions.complete(item, outcome)
             if committed:
                 metrics.REQUESTS_FINISHED.labels(item.endpoint, outcome.state.value).inc()
                 metrics.REQUEST_SECONDS.labels(item.endpoint).observe(time.monotonic() - started)

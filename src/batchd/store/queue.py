@@ -261,25 +261,37 @@ class QueueMixin:
 
     def complete(self, leased: LeasedRequest, owner: str, outcome: RequestOutcome) -> bool:
         """Write a leased row's result and make it final, if ``owner`` still holds that lease."""
+        return self.complete_many([(leased, outcome)], owner)[0]
+
+    def complete_many(
+        self, finished: Sequence[tuple[LeasedRequest, RequestOutcome]], owner: str
+    ) -> list[bool]:
+        """``complete`` for many rows in one transaction (one commit, so one fsync, however
+        many rows): each row is fenced on its own lease, and the answer says, row by row,
+        whether it was still ``owner``'s and so written."""
         r = schema.requests
+        finished_at = now()
+        written: list[bool] = []
         with self.engine.begin() as conn:
-            changed = conn.execute(
-                update(r)
-                .where(*_still_leased(leased, owner))
-                .values(
-                    state=outcome.state.value,
-                    status_code=outcome.status_code,
-                    result=outcome.result,
-                    prompt_tokens=outcome.prompt_tokens,
-                    completion_tokens=outcome.completion_tokens,
-                    cached_tokens=outcome.cached_tokens,
-                    upstream_attempts=outcome.upstream_attempts,
-                    finished_at=now(),
-                    lease_owner=None,
-                    lease_expires_at=None,
-                )
-            ).rowcount
-        return bool(changed)
+            for leased, outcome in finished:
+                changed = conn.execute(
+                    update(r)
+                    .where(*_still_leased(leased, owner))
+                    .values(
+                        state=outcome.state.value,
+                        status_code=outcome.status_code,
+                        result=outcome.result,
+                        prompt_tokens=outcome.prompt_tokens,
+                        completion_tokens=outcome.completion_tokens,
+                        cached_tokens=outcome.cached_tokens,
+                        upstream_attempts=outcome.upstream_attempts,
+                        finished_at=finished_at,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                    )
+                ).rowcount
+                written.append(bool(changed))
+        return written
 
     def release(self, leased: LeasedRequest, owner: str, upstream_attempts: int) -> bool:
         """Give a running row back to the queue unfinished (its upstream is failing and the

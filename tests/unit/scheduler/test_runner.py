@@ -9,6 +9,7 @@ each request until the test lets it go (``GatedEngine``). No model, no HTTP, no 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -33,14 +34,17 @@ CommitLog = list[tuple[int, str, int, bool]]
 def commits(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> CommitLog:
     """Every result commit the store is asked for: (seq, owner, epoch, whether it was taken)."""
     log: CommitLog = []
-    complete = harness.store.complete
+    complete_many = harness.store.complete_many
 
-    def spy(leased: LeasedRequest, owner: str, outcome: RequestOutcome) -> bool:
-        taken = complete(leased, owner, outcome)
-        log.append((leased.seq, owner, leased.epoch, taken))
+    def spy(finished: Sequence[tuple[LeasedRequest, RequestOutcome]], owner: str) -> list[bool]:
+        taken = complete_many(finished, owner)
+        log.extend(
+            (leased.seq, owner, leased.epoch, ok)
+            for (leased, _), ok in zip(finished, taken, strict=True)
+        )
         return taken
 
-    monkeypatch.setattr(harness.store, "complete", spy)
+    monkeypatch.setattr(harness.store, "complete_many", spy)
     return log
 
 

@@ -240,3 +240,16 @@ def test_finished_rows_stream_in_input_order(store: Store) -> None:
     assert rows[0].custom_id == "c0" and rows[0].status_code == 200
     assert rows[0].result == b'{"ok":1}' and rows[4].result is None
     assert list(store.iter_finished("batch_none")) == []
+
+
+def test_complete_many_commits_a_group_and_fences_each_row_on_its_own(store: Store) -> None:
+    add_batch(store, "batch_g", 4)
+    leased = store.lease("worker-1", 4, lease_seconds=30)
+    assert store.complete(leased[3], "worker-1", OK)
+    group = [(leased[0], OK), (leased[3], OK), (leased[1], OK)]
+    # Row 4 is final already: only that row is refused, the others of the group are written.
+    assert store.complete_many(group, "worker-1") == [True, False, True]
+    assert store.complete_many([(leased[2], OK)], "worker-2") == [False]
+    counts = store.counts("batch_g")
+    assert (counts.succeeded, counts.running) == (3, 1)
+    assert store.complete_many([], "worker-1") == []

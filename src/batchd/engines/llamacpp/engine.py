@@ -16,8 +16,10 @@ attention then spans every sequence's cells (they interleave, so no masked tile 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import llama_cpp
@@ -97,6 +99,8 @@ class LlamaCppEngine:
         if any(spec.bundled for spec in self.specs) and EMBEDDING_MODEL_ID not in self.names:
             self.embedder = self._bundled_embedder()
         self.supports_embeddings = self.embedder is not None
+        # Requests each served model has in hand (waiting or running), by served id.
+        self._outstanding: Counter[str] = Counter()
 
     def _bundled_embedder(self) -> Embedder | None:
         try:
@@ -151,7 +155,18 @@ class LlamaCppEngine:
         return self.names.get(name)
 
     def capacity(self) -> int:
-        return 2 * self.options.max_seqs * max(1, len(self.specs))
+        return sum(self._share(model) for model in self._served_ids())
+
+    def _served_ids(self) -> list[str]:
+        ids = [spec.id for spec in self.specs]
+        return [*ids, self.embedder.model_id] if self.embedder is not None else ids
+
+    def _share(self, model: str) -> int:
+        """Requests kept outstanding for ``model``: twice what one step runs, so a freed
+        sequence slot never waits for the database."""
+        if self.embedder is not None and model == self.embedder.model_id:
+            return 2 * self.embedder.max_seqs
+        return 2 * self.options.max_seqs
 
     def decoding_batch_only(self) -> bool:
         runners = list(self.runners.values())
@@ -160,7 +175,24 @@ class LlamaCppEngine:
         return any(runner.decoding_batch_only() for runner in runners)
 
     def unavailable_models(self) -> list[str]:
-        return []  # never skipped: capacity() already bounds what the scheduler leases
+        """Models with their share outstanding: leasing more of their rows would only queue
+        them here, holding slots another model (embeddings beside generation) could use."""
+        full = {m for m in self._served_ids() if self._outstanding[m] >= self._share(m)}
+        return [name for name, served in self._all_names().items() if served in full]
+
+    def _all_names(self) -> dict[str, str]:
+        names = dict(self.names)
+        if self.embedder is not None:
+            names[self.embedder.model_id] = self.embedder.model_id
+        return names
+
+    @contextlib.contextmanager
+    def _counted(self, model: str) -> Iterator[None]:
+        self._outstanding[model] += 1
+        try:
+            yield
+        finally:
+            self._outstanding[model] -= 1
 
     def passthrough(self, model: str) -> PassthroughEngine | None:
         return None
@@ -186,28 +218,30 @@ class LlamaCppEngine:
         runner = self._runner(request)
         loop = asyncio.get_running_loop()
         job = Job(request=request, loop=loop, future=loop.create_future())
-        runner.inbox.put(job)
-        assert job.future is not None
-        try:
-            return await job.future
-        finally:
-            job.cancelled = True  # harmless once finished; stops the sequence if not
+        with self._counted(runner.spec.id):
+            runner.inbox.put(job)
+            assert job.future is not None
+            try:
+                return await job.future
+            finally:
+                job.cancelled = True  # harmless once finished; stops the sequence if not
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[StreamDelta]:
         runner = self._runner(request)
         job = Job(request=request, loop=asyncio.get_running_loop(), deltas=asyncio.Queue())
-        runner.inbox.put(job)
-        assert job.deltas is not None
-        try:
-            while True:
-                item = await job.deltas.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if item.result is not None:
-                    return
-        finally:
-            job.cancelled = True
+        with self._counted(runner.spec.id):
+            runner.inbox.put(job)
+            assert job.deltas is not None
+            try:
+                while True:
+                    item = await job.deltas.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if item.result is not None:
+                        return
+            finally:
+                job.cancelled = True
 
     async def embed(self, request: EmbedRequest) -> EmbedResult:
         if self.embedder is None or request.model != self.embedder.model_id:
@@ -220,4 +254,5 @@ class LlamaCppEngine:
                 param="model",
                 code="unsupported_endpoint",
             )
-        return await self.embedder.embed(request)
+        with self._counted(self.embedder.model_id):
+            return await self.embedder.embed(request)
