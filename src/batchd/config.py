@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     ctx_size: int = 65536  # KV cells in all; each sequence gets ctx_size // max_seqs
     max_seqs: int = 32
     prefix_sharing: bool = True
+    # Keep a finished sequence's KV in its slot, for later prompts that start the same way.
+    prefix_cache: bool = True
     engine: Literal["llamacpp", "fake"] = "llamacpp"  # "fake" is for scheduler tests only
     # While the embedded engine decodes batch work (no realtime request running or recent),
     # the event loop wakes at most this often, serving what arrived meanwhile in one go: the

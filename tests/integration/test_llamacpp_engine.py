@@ -27,9 +27,8 @@ class EngineHarness:
 
     def __init__(self, data_dir: Path, **options: Any) -> None:
         self.loop = asyncio.new_event_loop()
-        self.engine = LlamaCppEngine(
-            models=[], data_dir=data_dir, max_seqs=24, ctx_size=24 * 1024, **options
-        )
+        sizes = {"max_seqs": 24, "ctx_size": 24 * 1024}
+        self.engine = LlamaCppEngine(models=[], data_dir=data_dir, **{**sizes, **options})
         self.run(self.engine.start())
 
     def run(self, coro: Awaitable[T]) -> T:
@@ -230,3 +229,74 @@ def test_realtime_sharing_a_prefix_with_paused_batch_work_does_not_wait_for_it(
     realtime, results = harness.run(scenario())
     assert realtime.completion_tokens >= 1
     assert len(results) == 12 and all(r.completion_tokens >= 1 for r in results)
+
+
+def test_a_finished_requests_kv_serves_later_prompts_that_start_the_same_way(
+    tmp_path: Path,
+) -> None:
+    """The prefix cache: one request after another (none running beside it to share with),
+    the later one starts from the earlier one's KV, and answers exactly as without it."""
+
+    def conversation(h: EngineHarness) -> list[Any]:
+        first = h.run(h.engine.generate(chat("When do you open on Saturday?", 8, system=SYSTEM)))
+        second = h.run(h.engine.generate(chat("What is the late fee?", 8, system=SYSTEM)))
+        # The next turn of the first conversation: its prompt holds the first reply.
+        follow_up = GenerationRequest(
+            model="default",
+            params=SamplingParams(max_tokens=8, temperature=0),
+            messages=(
+                ChatMessage("system", SYSTEM),
+                ChatMessage("user", "When do you open on Saturday?"),
+                ChatMessage("assistant", first.text),
+                ChatMessage("user", "And on Sunday?"),
+            ),
+        )
+        third = h.run(h.engine.generate(follow_up))
+        return [first, second, third]
+
+    cached = EngineHarness(tmp_path / "cache-on")
+    try:
+        first, second, third = conversation(cached)
+    finally:
+        cached.close()
+    plain = EngineHarness(tmp_path / "cache-off", prefix_cache=False)
+    try:
+        without = conversation(plain)
+    finally:
+        plain.close()
+    assert first.cached_tokens == 0
+    assert 40 < second.cached_tokens < second.prompt_tokens  # the system prompt and more
+    assert third.cached_tokens >= first.prompt_tokens  # the first turn and its reply
+    assert all(r.cached_tokens == 0 for r in without)
+    assert [r.text for r in (first, second, third)] == [r.text for r in without]
+    assert [r.prompt_tokens for r in (first, second, third)] == [r.prompt_tokens for r in without]
+
+
+def test_the_prefix_cache_gives_way_to_running_work(tmp_path: Path) -> None:
+    """More finished prompts than free slots, then a batch filling every slot: cached KV is
+    evicted as slots are needed and every answer stays what it is without the cache."""
+
+    def workload(h: EngineHarness) -> list[str]:
+        async def go() -> list[str]:
+            texts = []
+            for i in range(6):  # one after another: each leaves its KV cached
+                r = await h.engine.generate(chat(f"Say the number {i}.", 4, system=SYSTEM))
+                texts.append(r.text)
+            crowd = await asyncio.gather(
+                *(
+                    h.engine.generate(chat(f"Spell the word {i}.", 6, system=SYSTEM))
+                    for i in range(10)
+                )
+            )
+            return texts + [r.text for r in crowd]
+
+        return h.run(go())
+
+    small = {"max_seqs": 6, "ctx_size": 6 * 1024}
+    on = EngineHarness(tmp_path / "on", **small)
+    off = EngineHarness(tmp_path / "off", prefix_cache=False, **small)
+    try:
+        assert workload(on) == workload(off)
+    finally:
+        on.close()
+        off.close()

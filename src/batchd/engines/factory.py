@@ -40,6 +40,7 @@ def build_engine(settings: Settings) -> Engine:
         ctx_size=settings.ctx_size,
         max_seqs=settings.max_seqs,
         prefix_sharing=settings.prefix_sharing,
+        prefix_cache=settings.prefix_cache,
     )
 
 
@@ -77,6 +78,9 @@ def build_from_registry(reg: registry.Registry, settings: Settings) -> Engine:
                 settings.prefix_sharing
                 if options.prefix_sharing is None
                 else options.prefix_sharing
+            ),
+            prefix_cache=(
+                settings.prefix_cache if options.prefix_cache is None else options.prefix_cache
             ),
         )
         engines.append(engine)

@@ -52,6 +52,7 @@ class LlamaCppOptions(_Strict):
     ctx_size: int | None = Field(default=None, ge=256)
     max_seqs: int | None = Field(default=None, ge=2)
     prefix_sharing: bool | None = None
+    prefix_cache: bool | None = None
 
 
 class LlamaCppModel(_Strict):

@@ -67,6 +67,7 @@ class LlamaCppEngine:
         ctx_size: int = 65536,
         max_seqs: int = 32,
         prefix_sharing: bool = True,
+        prefix_cache: bool = True,
         n_batch: int = 512,
         prefill_chunk: int = 64,
         default_max_tokens: int = 1024,
@@ -83,6 +84,7 @@ class LlamaCppEngine:
             prefill_chunk=prefill_chunk,
             default_max_tokens=default_max_tokens,
             prefix_sharing=prefix_sharing,
+            prefix_cache=prefix_cache and prefix_sharing,
             batch_seqs_during_realtime=batch_seqs_during_realtime,
             realtime_slots=min(realtime_slots, max_seqs - 1),
         )

@@ -28,7 +28,12 @@ from batchd.engines.llamacpp.jobs import Job
 from batchd.engines.llamacpp.model_files import ModelSpec, model_params
 from batchd.engines.llamacpp.options import EngineOptions
 from batchd.engines.llamacpp.sampling import free_sampler, sampler_chain
-from batchd.engines.llamacpp.sequences import SequenceState, SlotTable, find_donor
+from batchd.engines.llamacpp.sequences import (
+    MIN_SHARED_PREFIX_TOKENS,
+    SequenceState,
+    SlotTable,
+    find_donor,
+)
 from batchd.engines.llamacpp.tokenizer import Tokenizer
 from batchd.errors import ContextLengthExceeded, EngineError, InvalidRequest
 
@@ -71,7 +76,7 @@ class ModelRunner:
             raise EngineError(f"could not create a llama.cpp context for {path}")
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
-        self.slots = SlotTable(self.memory, options.max_seqs)
+        self.slots = SlotTable(self.memory, options.max_seqs, cache=options.prefix_cache)
 
         self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.waiting_realtime: deque[SequenceState] = deque()
@@ -139,11 +144,26 @@ class ModelRunner:
                     self._finish_cancelled(seq)
                     continue
                 waiting.popleft()
-                seq.slot = self.slots.take()
                 seq.sampler = sampler_chain(seq.job.request.params)
-                if options.prefix_sharing:
-                    find_donor(seq, self.active)
+                self._place(seq)
                 self.active.append(seq)
+
+    def _place(self, seq: SequenceState) -> None:
+        """Give ``seq`` a slot, starting from the longest prefix of its prompt whose KV is
+        at hand: cached from a finished sequence (copied now) or being computed by a running
+        one (copied once it is there)."""
+        if not self.options.prefix_sharing:
+            seq.slot = self.slots.take()
+            return
+        find_donor(seq, self.active)
+        source, length = self.slots.longest_cached(seq.prompt)
+        if length >= MIN_SHARED_PREFIX_TOKENS and length >= seq.share_len:
+            seq.donor, seq.share_len = None, 0
+            seq.slot = self.slots.take_cached(source, length)
+            seq.n_past = seq.cached = length
+            metrics.PREFIX_CACHE_HITS.inc()
+            return
+        seq.slot = self.slots.take()
 
     def decoding_batch_only(self) -> bool:
         """Batch sequences in the step and no realtime one running, waiting or recent. Read
@@ -347,16 +367,22 @@ class ModelRunner:
 
     # --------------------------------------------------------- endings
 
-    def _release(self, seq: SequenceState) -> None:
+    def _release(self, seq: SequenceState, keep_kv: bool = False) -> None:
+        """Take ``seq`` out of the step; with ``keep_kv`` (it finished) its KV may stay
+        cached for later prompts that start the same way."""
         if seq in self.active:
             self.active.remove(seq)
-            self.slots.release(seq.slot)
+            if keep_kv and seq.donor is None:
+                held = (seq.prompt + seq.generated)[: seq.n_past]
+                self.slots.release(seq.slot, held)
+            else:
+                self.slots.release(seq.slot)
         if seq.sampler is not None:
             free_sampler(seq.sampler)
             seq.sampler = None
 
     def _finish(self, seq: SequenceState, reason: str, stop_sequence: str | None = None) -> None:
-        self._release(seq)
+        self._release(seq, keep_kv=True)
         seq.text += (
             seq.decoder.decode(b"", final=True) if reason != "stop" or not stop_sequence else ""
         )

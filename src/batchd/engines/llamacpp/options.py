@@ -14,5 +14,6 @@ class EngineOptions:
     prefill_chunk: int = 64  # most prompt tokens of one sequence per step
     default_max_tokens: int = 1024  # when a request sets none
     prefix_sharing: bool = True
+    prefix_cache: bool = True  # finished sequences' KV kept in free slots (needs sharing)
     batch_seqs_during_realtime: int = 0
     realtime_slots: int = 2  # sequence slots batch work leaves free for realtime requests

@@ -3,8 +3,9 @@ sharing between them.
 
 The KV cache is split into one stream per sequence (``kv_unified=False``, see engine.py), and
 a sequence's slot is its llama.cpp sequence id, i.e. its stream. Across streams llama.cpp
-copies only whole sequences, so a shared prefix is copied whole from its donor and the copy's
-tail past the shared length is removed.
+copies only whole sequences, so a shared prefix is copied whole from its donor (a running
+sequence, or a finished one's KV kept in a free slot: the prefix cache) and the copy's tail
+past the shared length is removed.
 
 Everything here runs on the model's decode thread, which owns the llama.cpp objects.
 """
@@ -12,6 +13,7 @@ Everything here runs on the model's decode thread, which owns the llama.cpp obje
 from __future__ import annotations
 
 import codecs
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,20 +60,82 @@ class SequenceState:
 
 
 class SlotTable:
-    """The context's sequence ids: which are free, and moving KV between them."""
+    """The context's sequence ids: which are free, moving KV between them, and the prefix
+    cache: free slots whose KV (a finished sequence's) is kept for later prompts.
 
-    def __init__(self, memory: Any, max_seqs: int) -> None:
+    Active sequences keep the lowest slots and cached KV the highest: a step is built over
+    every stream from its lowest to its highest sequence id, so a cached stream between
+    active ones would cost as much as a live sequence. Any cached slot is given up (least
+    recently used first) when a sequence needs a slot and no empty one is left, so the cache
+    only ever uses KV memory no running sequence wants.
+    """
+
+    def __init__(self, memory: Any, max_seqs: int, cache: bool = False) -> None:
         self.memory = memory
         self.free = list(range(max_seqs - 1, -1, -1))
+        self.cache = cache
+        # Free slots whose KV is kept: slot -> the tokens its cells hold, least recent first.
+        self.cached: OrderedDict[int, list[int]] = OrderedDict()
+
+    def _empty(self) -> list[int]:
+        return [slot for slot in self.free if slot not in self.cached]
 
     def take(self) -> int:
-        slot = min(self.free)  # keep active slots low and contiguous
+        empty = self._empty()
+        if empty:
+            slot = min(empty)  # keep active slots low and contiguous
+        else:
+            slot = next(iter(self.cached))  # the least recently used cached prefix goes
+            self.evict(slot)
         self.free.remove(slot)
         return slot
 
-    def release(self, slot: int) -> None:
+    def evict(self, slot: int) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+        del self.cached[slot]
+
+    def release(self, slot: int, tokens: list[int] | None = None) -> None:
+        """Give ``slot`` back; with ``tokens`` (what its cells hold) and the cache on, its KV
+        is kept, moved up to the highest empty slot when there is one above it."""
         self.free.append(slot)
+        if not self.cache or tokens is None or len(tokens) < MIN_SHARED_PREFIX_TOKENS:
+            llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            return
+        higher = [s for s in self._empty() if s > slot]
+        if higher:
+            target = max(higher)
+            llama_cpp.llama_memory_seq_cp(self.memory, slot, target, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
+            slot = target
+        self.cached[slot] = tokens
+
+    def longest_cached(self, prompt: list[int]) -> tuple[int, int]:
+        """(slot, length) of the cached KV sharing the longest prefix with ``prompt`` (never
+        its last token, which must be computed for its logits); (-1, 0) if none does."""
+        best, best_len = -1, 0
+        limit = len(prompt) - 1
+        for slot, tokens in self.cached.items():
+            n = common_prefix(tokens, prompt, limit)
+            if n > best_len:
+                best, best_len = slot, n
+        return best, best_len
+
+    def take_cached(self, source: int, length: int) -> int:
+        """A slot for a new sequence holding the first ``length`` tokens of the cached
+        ``source``'s KV: a copy into an empty slot, so the cache keeps the prefix for later
+        prompts, or ``source`` itself if no slot is empty."""
+        empty = self._empty()
+        if empty:
+            slot = min(empty)
+            self.free.remove(slot)
+            llama_cpp.llama_memory_seq_cp(self.memory, source, slot, -1, -1)
+            self.cached.move_to_end(source)
+        else:
+            slot = source
+            del self.cached[slot]
+            self.free.remove(slot)
+        llama_cpp.llama_memory_seq_rm(self.memory, slot, length, -1)
+        return slot
 
     def compact(self, active: list[SequenceState]) -> None:
         """Move sequences from high slots into holes left by finished ones.
@@ -87,6 +151,8 @@ class SlotTable:
             return
         movers = sorted((s for s in active if s.slot >= n_active), key=lambda s: -s.slot)
         for seq, hole in zip(movers, holes, strict=False):
+            if hole in self.cached:  # a cached prefix inside the active range goes
+                self.evict(hole)
             if seq.n_past > 0:
                 llama_cpp.llama_memory_seq_cp(self.memory, seq.slot, hole, -1, -1)
                 llama_cpp.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
@@ -124,11 +190,16 @@ def find_donor(seq: SequenceState, active: list[SequenceState]) -> None:
             theirs = other.tokens
         else:
             theirs = other.prompt if other.prefilling else other.tokens
-        n = 0
-        limit = min(len(theirs), len(prompt) - 1)  # always compute our last prompt token
-        while n < limit and theirs[n] == prompt[n]:
-            n += 1
+        n = common_prefix(theirs, prompt, len(prompt) - 1)  # our last token is always computed
         if n > best_len:
             best, best_len = other, n
     if best is not None and best_len >= MIN_SHARED_PREFIX_TOKENS:
         seq.donor, seq.share_len = best, best_len
+
+
+def common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """How many leading tokens ``a`` and ``b`` share, at most ``limit``."""
+    n, limit = 0, min(limit, len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n

@@ -1,0 +1,107 @@
+"""The prefix cache's rules in the slot table, with llama.cpp's KV calls recorded instead of
+run: finished sequences' KV is kept in the highest empty slots, new sequences take the
+lowest empty ones, a cached prefix is copied (or adopted when no slot is empty), and cached
+slots go least recently used first, or when compaction needs them as holes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from batchd.engines.llamacpp import sequences
+from batchd.engines.llamacpp.sequences import SlotTable
+
+PREFIX = list(range(100, 140))  # 40 tokens, past the sharing minimum
+
+
+class KVCalls:
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def seq_rm(self, memory: object, seq: int, p0: int, p1: int) -> bool:
+        self.calls.append(("rm", seq, p0))
+        return True
+
+    def seq_cp(self, memory: object, src: int, dst: int, p0: int, p1: int) -> None:
+        self.calls.append(("cp", src, dst))
+
+
+@pytest.fixture()
+def kv(monkeypatch: pytest.MonkeyPatch) -> KVCalls:
+    calls = KVCalls()
+    monkeypatch.setattr(sequences.llama_cpp, "llama_memory_seq_rm", calls.seq_rm)
+    monkeypatch.setattr(sequences.llama_cpp, "llama_memory_seq_cp", calls.seq_cp)
+    return calls
+
+
+def test_finished_kv_moves_to_the_highest_empty_slot_and_new_work_takes_the_lowest(
+    kv: KVCalls,
+) -> None:
+    slots = SlotTable(memory=None, max_seqs=4, cache=True)
+    first = slots.take()
+    assert first == 0
+    slots.release(first, [*PREFIX, 1, 2])
+    assert kv.calls == [("cp", 0, 3), ("rm", 0, -1)]
+    assert dict(slots.cached) == {3: [*PREFIX, 1, 2]}
+    assert slots.take() == 0  # an empty slot before any cached one
+
+
+def test_a_cached_prefix_is_found_and_copied_keeping_the_cache_entry(kv: KVCalls) -> None:
+    slots = SlotTable(memory=None, max_seqs=4, cache=True)
+    slots.release(slots.take(), [*PREFIX, 7])
+    prompt = [*PREFIX, 8, 9]
+    source, length = slots.longest_cached(prompt)
+    assert (source, length) == (3, len(PREFIX))
+    kv.calls.clear()
+    slot = slots.take_cached(source, length)
+    assert slot == 0 and kv.calls == [("cp", 3, 0), ("rm", 0, len(PREFIX))]
+    assert 3 in slots.cached and 0 not in slots.free
+    # The whole prompt never counts: its last token must be computed for its logits.
+    assert slots.longest_cached(PREFIX[:20])[1] == 19
+
+
+def test_with_no_empty_slot_the_cached_one_is_adopted_and_the_lru_one_evicted(
+    kv: KVCalls,
+) -> None:
+    slots = SlotTable(memory=None, max_seqs=2, cache=True)
+    a, b = slots.take(), slots.take()
+    slots.release(a, [*PREFIX, 1])  # no empty slot above 0 is left: cached in place
+    slots.release(b, [5] * 30)
+    assert list(slots.cached) == [0, 1]
+    kv.calls.clear()
+    assert slots.take_cached(0, len(PREFIX)) == 0  # adopted: no copy, the tail dropped
+    assert kv.calls == [("rm", 0, len(PREFIX))] and list(slots.cached) == [1]
+    kv.calls.clear()
+    slots.release(0, [*PREFIX, 2])
+    assert slots.take() == 1  # no empty slot: the least recently used cached one goes
+    assert kv.calls == [("rm", 1, -1)] and list(slots.cached) == [0]
+
+
+def test_short_or_unwanted_kv_is_not_kept(kv: KVCalls) -> None:
+    slots = SlotTable(memory=None, max_seqs=3, cache=True)
+    slots.release(slots.take(), [1, 2, 3])  # shorter than a prefix worth sharing
+    slots.release(slots.take(), None)  # a cancelled or failed sequence
+    off = SlotTable(memory=None, max_seqs=3, cache=False)
+    off.release(off.take(), PREFIX)
+    assert not slots.cached and not off.cached
+    assert all(call[0] == "rm" for call in kv.calls)
+
+
+def test_compaction_gives_up_a_cached_slot_inside_the_active_range(kv: KVCalls) -> None:
+    slots = SlotTable(memory=None, max_seqs=4, cache=True)
+    taken = [slots.take() for _ in range(4)]
+    assert taken == [0, 1, 2, 3]
+    slots.release(1, PREFIX)  # no empty slot above: cached in place, inside the active range
+    assert list(slots.cached) == [1]
+
+    class Seq:
+        def __init__(self, slot: int) -> None:
+            self.slot, self.n_past = slot, 5
+
+    active = [Seq(0), Seq(2), Seq(3)]
+    kv.calls.clear()
+    slots.compact(active)  # type: ignore[arg-type]
+    assert [s.slot for s in active] == [0, 2, 1]
+    assert kv.calls[0] == ("rm", 1, -1) and ("cp", 3, 1) in kv.calls
+    assert not slots.cached
