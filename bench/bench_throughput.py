@@ -13,8 +13,16 @@
                            clients), same model file, same machine: batchd batch / peer
   6. ingest interference   a batch's tok/s alone, and while a 50,000-line file is uploaded
                            and validated beside it, with the bulk threads niced and not
+  7. prefix cache          with the cache on and off: a realtime request's time to first
+                           token after another with the same ~500-token system prompt
+                           finished (target second/first <= 0.3), and a batch submitted
+                           after another with the same system prompt (target >= 2x)
+  8. memory                the server's resident memory at idle and its peak over a
+                           64-request batch, with an f16 and a q8_0 KV cache, their tok/s,
+                           and how many greedy answers are the same with both (target
+                           peak <= 1 GB with no throughput lost)
 
-Run: .venv/bin/python bench/bench_throughput.py [--parts 1,2,3,4] [--n 64]
+Run: .venv/bin/python bench/bench_throughput.py [--parts 1,2,3,4,5,6,7,8] [--n 64]
 """
 
 from __future__ import annotations
@@ -329,11 +337,98 @@ def part_interference(report: list[str]) -> None:
     print("\n".join(lines), flush=True)
 
 
+def _first_token_seconds(client: Any, body: dict[str, Any]) -> float:
+    start = time.perf_counter()
+    first = None
+    for chunk in client.chat.completions.create(**body, stream=True):
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - start
+    return first if first is not None else time.perf_counter() - start
+
+
+def part_prefix_cache(n: int, report: list[str]) -> None:
+    """Requests that arrive after others with the same system prompt have finished: nothing
+    runs beside them to share with, so only a cache that outlives requests helps."""
+    realtime = [chat_body(q, 8, SYSTEM_PROMPT) for q in QUESTIONS[:4]]
+    first_batch = [chat_body(f"{QUESTIONS[i % 16]} (A{i})", 8, SYSTEM_PROMPT) for i in range(n)]
+    second_batch = [chat_body(f"{QUESTIONS[i % 16]} (B{i})", 8, SYSTEM_PROMPT) for i in range(n)]
+    rows: dict[str, dict[str, float]] = {}
+    for label, flag in (("on", "true"), ("off", "false")):
+        with server(BATCHD_PREFIX_CACHE=flag) as srv:
+            client = srv.client()
+            run_sequential(client, [chat_body("Warm up.", 2)])
+            first = _first_token_seconds(client, realtime[0])
+            later = [_first_token_seconds(client, body) for body in realtime[1:]]
+            run_batch(client, first_batch)
+            second = run_batch(client, second_batch)
+        rows[label] = {
+            "first": first,
+            "later": sorted(later)[len(later) // 2],
+            "batch": second["seconds"],
+            "cached": second["cached_tokens"],
+            "prompt": second["prompt_tokens"],
+        }
+    on, off = rows["on"], rows["off"]
+    lines = [
+        f"7. prefix cache (system prompt ~{on['prompt'] // n} tokens of each prompt)",
+        f"   realtime TTFT, cache on:  first {on['first'] * 1000:.0f} ms, later ones (median)"
+        f" {on['later'] * 1000:.0f} ms = {on['later'] / on['first']:.2f}x (target <= 0.3)",
+        f"   realtime TTFT, cache off: first {off['first'] * 1000:.0f} ms, later ones (median)"
+        f" {off['later'] * 1000:.0f} ms = {off['later'] / off['first']:.2f}x",
+        f"   a second batch of {n} (max_tokens 8) after a first: cache on {on['batch']:.2f} s"
+        f" (cached_tokens {on['cached']:.0f} of {on['prompt']:.0f}), cache off"
+        f" {off['batch']:.2f} s (cached_tokens {off['cached']:.0f})",
+        f"   ratio off/on: {off['batch'] / on['batch']:.2f}x (target >= 2x)",
+    ]
+    report.extend(lines)
+    print("\n".join(lines), flush=True)
+
+
+def _rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (the peak) of ``pid``, in KiB."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            found[key] = int(value.split()[0])
+    return found
+
+
+def part_memory(n: int, max_tokens: int, report: list[str]) -> None:
+    bodies = small_chat_workload(n, max_tokens)
+    rows: dict[str, dict[str, Any]] = {}
+    for kv_type in ("f16", "q8_0"):
+        with server(BATCHD_KV_TYPE=kv_type) as srv:
+            time.sleep(1)
+            idle = _rss_kib(srv.proc.pid)["VmRSS"]
+            batch = run_batch(srv.client(), bodies)
+            peak = _rss_kib(srv.proc.pid)["VmHWM"]
+        texts = {
+            row["custom_id"]: row["response"]["body"]["choices"][0]["message"]["content"]
+            for row in batch["rows"]
+        }
+        rate = tok_per_s(batch["completion_tokens"], batch["seconds"])
+        rows[kv_type] = {"idle": idle, "peak": peak, "rate": rate, "texts": texts}
+    same = sum(rows["f16"]["texts"][k] == v for k, v in rows["q8_0"]["texts"].items())
+    lines = [f"8. memory ({n} chat requests, max_tokens {max_tokens}, greedy, default settings)"]
+    for kv_type, row in rows.items():
+        lines.append(
+            f"   KV {kv_type:5}: idle {row['idle'] / 1024:.0f} MiB, peak {row['peak'] / 1024:.0f}"
+            f" MiB, {row['rate']:.0f} tok/s"
+        )
+    lines.append(
+        f"   q8_0 vs f16: {same} of {n} greedy answers identical; throughput"
+        f" {rows['q8_0']['rate'] / rows['f16']['rate']:.2f}x (target peak <= 1024 MiB)"
+    )
+    report.extend(lines)
+    print("\n".join(lines), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--parts", default="1,2,3,4,5,6")
+    parser.add_argument("--parts", default="1,2,3,4,5,6,7,8")
     parser.add_argument("--n", type=int, default=64)
     parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     args = parser.parse_args()
@@ -352,6 +447,10 @@ def main() -> None:
         part_peer(args.n, 48, report)
     if 6 in parts:
         part_interference(report)
+    if 7 in parts:
+        part_prefix_cache(16, report)
+    if 8 in parts:
+        part_memory(args.n, 48, report)
     if not args.no_record:
         append_record(f"python bench/bench_throughput.py --parts {args.parts} --n {args.n}", report)
 

@@ -59,6 +59,8 @@ class Settings(BaseSettings):
     prefix_sharing: bool = True
     # Keep a finished sequence's KV in its slot, for later prompts that start the same way.
     prefix_cache: bool = True
+    # The embedded engine's KV cache element type: q8_0 takes half the memory of f16.
+    kv_type: Literal["f16", "q8_0"] = "f16"
     engine: Literal["llamacpp", "fake"] = "llamacpp"  # "fake" is for scheduler tests only
     # While the embedded engine decodes batch work (no realtime request running or recent),
     # the event loop wakes at most this often, serving what arrived meanwhile in one go: the

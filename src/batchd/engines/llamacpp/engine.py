@@ -68,6 +68,7 @@ class LlamaCppEngine:
         max_seqs: int = 32,
         prefix_sharing: bool = True,
         prefix_cache: bool = True,
+        kv_type: str = "f16",
         n_batch: int = 512,
         prefill_chunk: int = 64,
         default_max_tokens: int = 1024,
@@ -85,6 +86,7 @@ class LlamaCppEngine:
             default_max_tokens=default_max_tokens,
             prefix_sharing=prefix_sharing,
             prefix_cache=prefix_cache and prefix_sharing,
+            kv_type=kv_type,
             batch_seqs_during_realtime=batch_seqs_during_realtime,
             realtime_slots=min(realtime_slots, max_seqs - 1),
         )

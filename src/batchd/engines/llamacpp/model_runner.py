@@ -70,6 +70,10 @@ class ModelRunner:
         params.n_threads = options.n_threads
         params.n_threads_batch = options.n_threads
         params.kv_unified = False  # one stream per sequence: attention spans only its own
+        if options.kv_type == "q8_0":
+            # Half the KV memory; a quantized V cache needs flash attention.
+            params.type_k = params.type_v = llama_cpp.GGML_TYPE_Q8_0
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.no_perf = True
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:

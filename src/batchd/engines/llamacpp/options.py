@@ -15,5 +15,6 @@ class EngineOptions:
     default_max_tokens: int = 1024  # when a request sets none
     prefix_sharing: bool = True
     prefix_cache: bool = True  # finished sequences' KV kept in free slots (needs sharing)
+    kv_type: str = "f16"  # the KV cache's element type: "f16" or "q8_0" (half the memory)
     batch_seqs_during_realtime: int = 0
     realtime_slots: int = 2  # sequence slots batch work leaves free for realtime requests
