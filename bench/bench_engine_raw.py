@@ -32,22 +32,25 @@ def _requests(bodies: list[dict[str, Any]]) -> list[GenerationRequest]:
     ]
 
 
-def _engine(data_dir: Path) -> LlamaCppEngine:
+def _engine(data_dir: Path, **overrides: Any) -> LlamaCppEngine:
     settings = Settings()  # the server's defaults and BATCHD_* variables, so both arms match
-    return LlamaCppEngine(
-        models=[],
-        data_dir=data_dir,
-        quant=settings.quant,
-        n_threads=settings.n_threads,
-        ctx_size=settings.ctx_size,
-        max_seqs=settings.max_seqs,
-        prefix_sharing=settings.prefix_sharing,
-    )
+    options: dict[str, Any] = {
+        "quant": settings.quant,
+        "n_threads": settings.n_threads,
+        "ctx_size": settings.ctx_size,
+        "max_seqs": settings.max_seqs,
+        "prefix_sharing": settings.prefix_sharing,
+        "prefix_cache": settings.prefix_cache,
+        "kv_type": settings.kv_type,
+    }
+    return LlamaCppEngine(models=[], data_dir=data_dir, **{**options, **overrides})
 
 
-async def _run(bodies: list[dict[str, Any]], concurrent: bool) -> tuple[float, int]:
+async def _run(
+    bodies: list[dict[str, Any]], concurrent: bool, **overrides: Any
+) -> tuple[float, int, int]:
     with tempfile.TemporaryDirectory(prefix="batchd-raw-") as tmp:
-        engine = _engine(Path(tmp))
+        engine = _engine(Path(tmp), **overrides)
         await engine.start()
         try:
             requests = _requests(bodies)
@@ -60,11 +63,19 @@ async def _run(bodies: list[dict[str, Any]], concurrent: bool) -> tuple[float, i
             seconds = time.perf_counter() - start
         finally:
             await engine.close()
-    return seconds, sum(r.completion_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return seconds, completion, sum(r.prompt_tokens for r in results)
 
 
 def run_raw(bodies: list[dict[str, Any]], concurrent: bool = True) -> tuple[float, int]:
-    return asyncio.run(_run(bodies, concurrent))
+    seconds, completion, _ = asyncio.run(_run(bodies, concurrent))
+    return seconds, completion
+
+
+def run_raw_detailed(bodies: list[dict[str, Any]], **overrides: Any) -> tuple[float, int, int]:
+    """All at once, with engine options overridden (``prefix_sharing=False``...): seconds,
+    completion tokens, prompt tokens."""
+    return asyncio.run(_run(bodies, True, **overrides))
 
 
 def main() -> None:

@@ -116,7 +116,10 @@ def part_batch_vs_sequential(n: int, max_tokens: int, report: list[str]) -> dict
 
 
 def part_service_vs_raw(n: int, max_tokens: int, report: list[str]) -> None:
-    from bench_engine_raw import run_raw  # the engine loop alone, same settings as the server
+    from batchd.config import Settings
+    from batchd.engines.llamacpp.model_files import bundled_gguf, requantized_q8_0
+    from bench_engine_raw import run_raw, run_raw_detailed
+    from peer_llama_server import CACHE, batched_bench, find_or_build
 
     bodies = small_chat_workload(n, max_tokens)
     with server() as srv:
@@ -125,12 +128,48 @@ def part_service_vs_raw(n: int, max_tokens: int, report: list[str]) -> None:
     raw_seconds, raw_tokens = run_raw(bodies)
     raw_rate = tok_per_s(raw_tokens, raw_seconds)
     lines = [
-        f"2. service vs raw engine ({n} chat requests, max_tokens {max_tokens})",
+        f"2. service vs raw engine vs llama.cpp's C++ ({n} chat requests, max_tokens {max_tokens})",
         f"   raw engine loop: {raw_tokens} tokens in {raw_seconds:.1f} s = {raw_rate:.0f} tok/s",
         f"   whole service:   {batch['completion_tokens']} tokens in {batch['seconds']:.1f} s"
         f" = {service_rate:.0f} tok/s",
         f"   ratio service/raw: {service_rate / raw_rate:.2f} (target >= 0.9)",
     ]
+    # The C++ ceiling: llama-batched-bench on the same Q8_0 file and threads, n sequences of
+    # the workload's mean prompt length, each generating max_tokens; the raw engine with
+    # prefix sharing (and so the cache) off, so both compute the same tokens.
+    settings = Settings()
+    off_seconds, off_tokens, off_prompt = run_raw_detailed(
+        bodies, prefix_sharing=False, prefix_cache=False
+    )
+    off_rate = tok_per_s(off_tokens, off_seconds)
+    prompt = round(off_prompt / n)
+    binary = find_or_build("llama-batched-bench")
+    model = requantized_q8_0(bundled_gguf(), CACHE / "models", settings.n_threads)
+    row = None
+    if binary is not None:
+        row = batched_bench(
+            binary,
+            model,
+            threads=settings.n_threads,
+            prompt=prompt,
+            generated=max_tokens,
+            sequences=n,
+        )
+    lines.append(
+        f"   raw engine, sharing off: {off_tokens} tokens in {off_seconds:.1f} s ="
+        f" {off_rate:.0f} tok/s ({off_tokens / n:.1f} generated a request: greedy may stop"
+        " early)"
+    )
+    if row is None:
+        lines.append("   llama-batched-bench: SKIPPED (it could not be built or run here)")
+    else:
+        cpp_rate = n * max_tokens / row["t"]
+        lines += [
+            f"   llama-batched-bench -npl {n} -npp {prompt} -ntg {max_tokens}: {row['t']:.1f} s"
+            f" = {cpp_rate:.0f} generated tok/s (prefill {row['s_pp']:.0f} tok/s, decode"
+            f" {row['s_tg']:.0f} tok/s)",
+            f"   ratio raw engine (sharing off)/C++: {off_rate / cpp_rate:.2f} (target >= 0.95)",
+        ]
     report.extend(lines)
     print("\n".join(lines), flush=True)
 

@@ -1,7 +1,8 @@
-"""llama.cpp's own C++ server as a peer: built from the vendored llama.cpp inside the
-llama-cpp-python source package (the same engine batchd embeds), cached after the first build.
+"""llama.cpp's own C++ programs as peers (``llama-server``, ``llama-batched-bench``): built
+from the vendored llama.cpp inside the llama-cpp-python source package (the same engine batchd
+embeds), cached after the first build.
 
-Returns None, with the reason printed, wherever it cannot be built or started here.
+Returns None, with the reason printed, wherever one cannot be built or started here.
 """
 
 from __future__ import annotations
@@ -27,17 +28,23 @@ def _log(message: str) -> None:
     print(f"   [peer] {message}", flush=True)
 
 
-def find_or_build() -> Path | None:
-    explicit = os.environ.get("LLAMA_SERVER")
+TOOLS = ("llama-server", "llama-batched-bench")
+_ENV = {"llama-server": "LLAMA_SERVER", "llama-batched-bench": "LLAMA_BATCHED_BENCH"}
+
+
+def find_or_build(tool: str = "llama-server") -> Path | None:
+    """``tool`` (one of ``TOOLS``): from its environment variable, the cache, or built (every
+    tool at once, since the library is most of the build)."""
+    explicit = os.environ.get(_ENV[tool])
     if explicit:
         return Path(explicit) if Path(explicit).is_file() else None
-    binary = CACHE / "llama-server" / "llama-server"
+    binary = CACHE / tool / tool
     if binary.is_file():
         return binary
     if not shutil.which("cmake"):
-        _log("cmake is not installed: cannot build llama-server")
+        _log(f"cmake is not installed: cannot build {tool}")
         return None
-    with tempfile.TemporaryDirectory(prefix="llama-server-build-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="llama-cpp-build-") as tmp:
         work = Path(tmp)
         _log(f"downloading the llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} source package")
         got = subprocess.run(
@@ -55,26 +62,48 @@ def find_or_build() -> Path | None:
         if source is None:
             _log("the source package has no vendored llama.cpp")
             return None
-        _log("building llama-server (a few minutes on 2 cores)")
+        _log(f"building {', '.join(TOOLS)} (a few minutes on 2 cores)")
         build = work / "build"
         steps = [
             ["cmake", "-S", str(source), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-             "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
-             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"],
-            ["cmake", "--build", str(build), "--target", "llama-server", "-j", str(os.cpu_count() or 2)],
+             "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_CURL=OFF",
+             "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DBUILD_SHARED_LIBS=OFF"],
+            ["cmake", "--build", str(build), "--target", *TOOLS, "-j", str(os.cpu_count() or 2)],
         ]  # fmt: skip
         for step in steps:
             done = subprocess.run(step, capture_output=True, text=True)
             if done.returncode != 0:
                 _log(f"build failed: {(done.stderr or done.stdout).strip()[-500:]}")
                 return None
-        built = next(build.rglob("llama-server"), None)
-        if built is None:
-            _log("build produced no llama-server binary")
-            return None
-        binary.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(built, binary)
-    return binary
+        for name in TOOLS:
+            built = next((p for p in build.rglob(name) if p.is_file()), None)
+            if built is None:
+                _log(f"the build produced no {name} binary")
+                continue
+            (CACHE / name).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(built, CACHE / name / name)
+    return binary if binary.is_file() else None
+
+
+def batched_bench(
+    binary: Path, model: Path, *, threads: int, prompt: int, generated: int, sequences: int
+) -> dict[str, float] | None:
+    """llama.cpp's own batched decode of ``sequences`` x (``prompt`` + ``generated``) tokens
+    (one KV stream per sequence, as batchd runs): the row of its table, or None."""
+    ctx = sequences * (prompt + generated) + 256
+    done = subprocess.run(
+        [str(binary), "-m", str(model), "-c", str(ctx), "-b", "512", "-ub", "512",
+         "-npp", str(prompt), "-ntg", str(generated), "-npl", str(sequences),
+         "-t", str(threads), "-tb", str(threads)],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    for line in done.stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 10 and cells[0] == str(prompt) and cells[2] == str(sequences):
+            keys = ("pp", "tg", "b", "n_kv", "t_pp", "s_pp", "t_tg", "s_tg", "t", "s")
+            return dict(zip(keys, map(float, cells), strict=True))
+    _log(f"llama-batched-bench printed no result: {(done.stderr or done.stdout)[-500:]}")
+    return None
 
 
 @contextlib.contextmanager

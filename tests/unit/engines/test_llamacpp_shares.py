@@ -17,11 +17,14 @@ def test_each_model_has_its_share_and_is_skipped_when_it_holds_it(tmp_path: Path
     engine = LlamaCppEngine(models=[], data_dir=tmp_path, max_seqs=4)
     assert engine.embedder is not None  # the bundled embedding model comes with the default
     generation = bundled_model_spec().id
-    assert engine.capacity() == 2 * 4 + 2 * engine.embedder.max_seqs
+    # No embedding work: only the generation model's share, so a worker leases no more
+    # generation rows than it runs.
+    assert engine.capacity() == 2 * 4
     assert engine.unavailable_models() == []
     with ExitStack() as held:
         for _ in range(2 * engine.embedder.max_seqs):
             held.enter_context(engine._counted(EMBEDDING_MODEL_ID))
+        assert engine.capacity() == 2 * 4 + 2 * engine.embedder.max_seqs
         assert engine.unavailable_models() == [EMBEDDING_MODEL_ID]
         for _ in range(2 * 4 - 1):
             held.enter_context(engine._counted(generation))

@@ -52,6 +52,10 @@ from batchd.engines.llamacpp.model_runner import ModelRunner
 from batchd.engines.llamacpp.options import EngineOptions
 from batchd.errors import InvalidRequest, ModelNotFound
 
+# How long the embedding model keeps its share of the scheduler's capacity after its last
+# request: long enough to span the gap between one leased slice of a batch and the next.
+EMBED_SHARE_HOLD_SECONDS = 5.0
+
 
 class LlamaCppEngine:
     kind = "llamacpp"
@@ -105,6 +109,7 @@ class LlamaCppEngine:
         self.supports_embeddings = self.embedder is not None
         # Requests each served model has in hand (waiting or running), by served id.
         self._outstanding: Counter[str] = Counter()
+        self._embedded_at = float("-inf")  # the last embedding request's arrival
 
     def _bundled_embedder(self) -> Embedder | None:
         try:
@@ -159,7 +164,17 @@ class LlamaCppEngine:
         return self.names.get(name)
 
     def capacity(self) -> int:
-        return sum(self._share(model) for model in self._served_ids())
+        """Requests the scheduler may keep leased: every generation model's share, and the
+        embedding model's while it has work (in hand, or within the last few seconds). A
+        worker with no embeddings to do must not lease more generation rows than it runs:
+        with several workers, the rows it held would wait while others sat idle."""
+        total = sum(self._share(spec.id) for spec in self.specs)
+        if self.embedder is not None:
+            embedding = self.embedder.model_id
+            recent = time.monotonic() - self._embedded_at < EMBED_SHARE_HOLD_SECONDS
+            if self._outstanding[embedding] or recent:
+                total += self._share(embedding)
+        return total
 
     def _served_ids(self) -> list[str]:
         ids = [spec.id for spec in self.specs]
@@ -258,5 +273,6 @@ class LlamaCppEngine:
                 param="model",
                 code="unsupported_endpoint",
             )
+        self._embedded_at = time.monotonic()
         with self._counted(self.embedder.model_id):
             return await self.embedder.embed(request)
