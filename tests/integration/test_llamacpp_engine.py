@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import pytest
 
 from batchd.engines.base import ChatMessage, GenerationRequest, Priority, SamplingParams
+from batchd.engines.llamacpp import zero_pages
 from batchd.engines.llamacpp.engine import LlamaCppEngine
 from batchd.errors import ContextLengthExceeded, ModelNotFound
 
@@ -300,3 +301,11 @@ def test_the_prefix_cache_gives_way_to_running_work(tmp_path: Path) -> None:
     finally:
         on.close()
         off.close()
+
+
+def test_the_kv_cache_is_given_back_until_sequences_write_it(harness: EngineHarness) -> None:
+    """llama.cpp clears the whole cache when the context is made; its zero pages are dropped
+    right after, so resident memory follows the cells in use (zero_pages.py)."""
+    runner = next(iter(harness.engine.runners.values()))
+    whole = zero_pages.kv_cache_bytes(runner.model, 24 * 1024, 2)
+    assert runner.kv_bytes_released >= 0.9 * whole

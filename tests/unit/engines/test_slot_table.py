@@ -23,22 +23,22 @@ class KVCalls:
         self.calls.append(("rm", seq, p0))
         return True
 
-    def seq_cp(self, memory: object, src: int, dst: int, p0: int, p1: int) -> None:
-        self.calls.append(("cp", src, dst))
+    def copy(self, source: int, target: int) -> None:
+        self.calls.append(("cp", source, target))
 
 
 @pytest.fixture()
 def kv(monkeypatch: pytest.MonkeyPatch) -> KVCalls:
     calls = KVCalls()
     monkeypatch.setattr(sequences.llama_cpp, "llama_memory_seq_rm", calls.seq_rm)
-    monkeypatch.setattr(sequences.llama_cpp, "llama_memory_seq_cp", calls.seq_cp)
+    monkeypatch.setattr(SlotTable, "copy", lambda self, source, target: calls.copy(source, target))
     return calls
 
 
 def test_finished_kv_moves_to_the_highest_empty_slot_and_new_work_takes_the_lowest(
     kv: KVCalls,
 ) -> None:
-    slots = SlotTable(memory=None, max_seqs=4, cache=True)
+    slots = SlotTable(ctx=None, memory=None, max_seqs=4, cache=True)
     first = slots.take()
     assert first == 0
     slots.release(first, [*PREFIX, 1, 2])
@@ -48,7 +48,7 @@ def test_finished_kv_moves_to_the_highest_empty_slot_and_new_work_takes_the_lowe
 
 
 def test_a_cached_prefix_is_found_and_copied_keeping_the_cache_entry(kv: KVCalls) -> None:
-    slots = SlotTable(memory=None, max_seqs=4, cache=True)
+    slots = SlotTable(ctx=None, memory=None, max_seqs=4, cache=True)
     slots.release(slots.take(), [*PREFIX, 7])
     prompt = [*PREFIX, 8, 9]
     source, length = slots.longest_cached(prompt)
@@ -64,7 +64,7 @@ def test_a_cached_prefix_is_found_and_copied_keeping_the_cache_entry(kv: KVCalls
 def test_with_no_empty_slot_the_cached_one_is_adopted_and_the_lru_one_evicted(
     kv: KVCalls,
 ) -> None:
-    slots = SlotTable(memory=None, max_seqs=2, cache=True)
+    slots = SlotTable(ctx=None, memory=None, max_seqs=2, cache=True)
     a, b = slots.take(), slots.take()
     slots.release(a, [*PREFIX, 1])  # no empty slot above 0 is left: cached in place
     slots.release(b, [5] * 30)
@@ -79,17 +79,17 @@ def test_with_no_empty_slot_the_cached_one_is_adopted_and_the_lru_one_evicted(
 
 
 def test_short_or_unwanted_kv_is_not_kept(kv: KVCalls) -> None:
-    slots = SlotTable(memory=None, max_seqs=3, cache=True)
+    slots = SlotTable(ctx=None, memory=None, max_seqs=3, cache=True)
     slots.release(slots.take(), [1, 2, 3])  # shorter than a prefix worth sharing
     slots.release(slots.take(), None)  # a cancelled or failed sequence
-    off = SlotTable(memory=None, max_seqs=3, cache=False)
+    off = SlotTable(ctx=None, memory=None, max_seqs=3, cache=False)
     off.release(off.take(), PREFIX)
     assert not slots.cached and not off.cached
     assert all(call[0] == "rm" for call in kv.calls)
 
 
 def test_compaction_gives_up_a_cached_slot_inside_the_active_range(kv: KVCalls) -> None:
-    slots = SlotTable(memory=None, max_seqs=4, cache=True)
+    slots = SlotTable(ctx=None, memory=None, max_seqs=4, cache=True)
     taken = [slots.take() for _ in range(4)]
     assert taken == [0, 1, 2, 3]
     slots.release(1, PREFIX)  # no empty slot above: cached in place, inside the active range

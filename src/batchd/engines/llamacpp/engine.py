@@ -5,8 +5,8 @@ One thread per model runs the decode loop and owns every llama.cpp object (model
 the asyncio side only puts jobs on a queue and awaits futures (jobs.py), so the event loop
 never blocks on the engine (ctypes releases the GIL inside ``llama_decode``).
 
-A sequence whose prompt shares a prefix with a live sequence's KV gets those cells by
-``llama_memory_seq_cp`` and prefills only the rest (sequences.py).
+A sequence whose prompt shares a prefix with a live or cached sequence's KV gets a copy of
+those cells and prefills only the rest (sequences.py).
 
 The KV cache is split into one stream per sequence (``kv_unified=False``): measured on a 2-core
 AVX2 machine, a unified cache made 64-sequence decode 3-4x slower, because every sequence's

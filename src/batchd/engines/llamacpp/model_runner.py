@@ -24,6 +24,7 @@ import numpy as np
 
 from batchd import metrics
 from batchd.engines.base import GenerationRequest, GenerationResult, Priority, StreamDelta
+from batchd.engines.llamacpp import zero_pages
 from batchd.engines.llamacpp.jobs import Job
 from batchd.engines.llamacpp.model_files import ModelSpec, model_params
 from batchd.engines.llamacpp.options import EngineOptions
@@ -75,12 +76,18 @@ class ModelRunner:
             params.type_k = params.type_v = llama_cpp.GGML_TYPE_Q8_0
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.no_perf = True
+        before = zero_pages.anonymous_regions()
         self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise EngineError(f"could not create a llama.cpp context for {path}")
+        # llama.cpp cleared the whole KV cache, making it all resident: give the pages back
+        # until sequences write into them (zero_pages.py says why this is safe).
+        value_bytes = 34 / 32 if options.kv_type == "q8_0" else 2
+        kv_bytes = zero_pages.kv_cache_bytes(self.model, options.ctx_size, value_bytes)
+        self.kv_bytes_released = zero_pages.release_new_zero_memory(before, kv_bytes // 2)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
-        self.slots = SlotTable(self.memory, options.max_seqs, cache=options.prefix_cache)
+        self.slots = SlotTable(self.ctx, self.memory, options.max_seqs, cache=options.prefix_cache)
 
         self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.waiting_realtime: deque[SequenceState] = deque()

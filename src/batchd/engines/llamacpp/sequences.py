@@ -2,10 +2,10 @@
 sharing between them.
 
 The KV cache is split into one stream per sequence (``kv_unified=False``, see engine.py), and
-a sequence's slot is its llama.cpp sequence id, i.e. its stream. Across streams llama.cpp
-copies only whole sequences, so a shared prefix is copied whole from its donor (a running
-sequence, or a finished one's KV kept in a free slot: the prefix cache) and the copy's tail
-past the shared length is removed.
+a sequence's slot is its llama.cpp sequence id, i.e. its stream. A shared prefix is copied
+from its donor (a running sequence, or a finished one's KV kept in a free slot: the prefix
+cache) cell by cell through llama.cpp's state API, and the copy's tail past the shared length
+is removed.
 
 Everything here runs on the model's decode thread, which owns the llama.cpp objects.
 """
@@ -13,6 +13,7 @@ Everything here runs on the model's decode thread, which owns the llama.cpp obje
 from __future__ import annotations
 
 import codecs
+import ctypes
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ import llama_cpp
 
 from batchd.engines.base import Priority
 from batchd.engines.llamacpp.jobs import Job
+from batchd.errors import EngineError
 
 # Share a prefix only when it saves at least this many tokens of prefill.
 MIN_SHARED_PREFIX_TOKENS = 16
@@ -70,12 +72,28 @@ class SlotTable:
     only ever uses KV memory no running sequence wants.
     """
 
-    def __init__(self, memory: Any, max_seqs: int, cache: bool = False) -> None:
+    def __init__(self, ctx: Any, memory: Any, max_seqs: int, cache: bool = False) -> None:
+        self.ctx = ctx
         self.memory = memory
+        self._buffer: ctypes.Array[ctypes.c_uint8] = (ctypes.c_uint8 * 0)()
         self.free = list(range(max_seqs - 1, -1, -1))
         self.cache = cache
         # Free slots whose KV is kept: slot -> the tokens its cells hold, least recent first.
         self.cached: OrderedDict[int, list[int]] = OrderedDict()
+
+    def copy(self, source: int, target: int) -> None:
+        """``target`` (emptied first) gets the KV cells ``source`` holds, and only those.
+        llama.cpp's own cross-stream copy (``llama_memory_seq_cp``) copies the whole stream,
+        writing every page of ``target``'s stream, so pages no sequence ever wrote would
+        become resident (see zero_pages.py); the state API copies the used cells alone."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, source)
+        if len(self._buffer) < size:
+            self._buffer = (ctypes.c_uint8 * size)()
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, self._buffer, size, source)
+        if not written or not llama_cpp.llama_state_seq_set_data(
+            self.ctx, self._buffer, written, target
+        ):
+            raise EngineError(f"could not copy the KV cells of sequence {source} to {target}")
 
     def _empty(self) -> list[int]:
         return [slot for slot in self.free if slot not in self.cached]
@@ -104,7 +122,7 @@ class SlotTable:
         higher = [s for s in self._empty() if s > slot]
         if higher:
             target = max(higher)
-            llama_cpp.llama_memory_seq_cp(self.memory, slot, target, -1, -1)
+            self.copy(slot, target)
             llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
             slot = target
         self.cached[slot] = tokens
@@ -128,7 +146,7 @@ class SlotTable:
         if empty:
             slot = min(empty)
             self.free.remove(slot)
-            llama_cpp.llama_memory_seq_cp(self.memory, source, slot, -1, -1)
+            self.copy(source, slot)
             self.cached.move_to_end(source)
         else:
             slot = source
@@ -143,7 +161,7 @@ class SlotTable:
         With one KV stream per sequence, llama.cpp builds each step over the range of streams
         from the lowest to the highest sequence id in the batch; holes in that range cost as
         much as live sequences (measured: 16 even-numbered sequences stepped 2x slower than 20
-        contiguous ones). Moving a sequence is a whole-stream copy, a fraction of a millisecond.
+        contiguous ones). Moving a sequence copies the cells it holds (a few MB), then frees them.
         """
         n_active = len(active)
         holes = sorted(slot for slot in self.free if slot < n_active)
@@ -154,7 +172,7 @@ class SlotTable:
             if hole in self.cached:  # a cached prefix inside the active range goes
                 self.evict(hole)
             if seq.n_past > 0:
-                llama_cpp.llama_memory_seq_cp(self.memory, seq.slot, hole, -1, -1)
+                self.copy(seq.slot, hole)
                 llama_cpp.llama_memory_seq_rm(self.memory, seq.slot, -1, -1)
             self.free.remove(hole)
             self.free.append(seq.slot)
@@ -169,8 +187,8 @@ class SlotTable:
             return
         if donor.n_past < seq.share_len:
             return  # the donor is still computing the part we want
-        # Whole-sequence copy (the only kind across streams), then drop what is not shared.
-        llama_cpp.llama_memory_seq_cp(self.memory, donor.slot, seq.slot, -1, -1)
+        # The donor's cells, then drop what is not shared.
+        self.copy(donor.slot, seq.slot)
         llama_cpp.llama_memory_seq_rm(self.memory, seq.slot, seq.share_len, -1)
         seq.n_past = seq.cached = seq.share_len
         seq.donor = None

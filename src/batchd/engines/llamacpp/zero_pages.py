@@ -1,0 +1,99 @@
+"""Give the KV cache's memory back to the kernel at start-up, so that resident memory follows
+the cells sequences actually use.
+
+llama.cpp allocates a model's whole KV cache when the context is made (every sequence slot at
+the longest context: 1.5 GB for the default 32 x 2,048 cells of the bundled model) and clears
+it with ``memset``, which makes every page resident. A private anonymous page that holds only
+zeros can be dropped with ``madvise(MADV_DONTNEED)`` without changing what the program sees:
+the next read of it gives zeros again, and the next write gets a fresh page. So right after the
+context is made, the 2 MiB chunks of its new memory that are all zeros are dropped, and a page
+comes back only when a sequence writes a KV cell into it.
+
+Only memory that appeared while the context was made is looked at: a whole mapping that did
+not exist before (no neighbour's memory merged into it) and is at least half the size the KV
+cache must have. The check and the ``madvise`` run with the GIL held (``ctypes.PyDLL``), so no
+Python thread can write between them; the only other threads that could run are other models'
+decode threads, whose memory predates the snapshot. Elsewhere than on Linux this does nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 21  # bytes checked and dropped at a time (a multiple of any page size)
+_MADV_DONTNEED = 4
+_ZEROS = bytes(CHUNK)
+
+Region = tuple[int, int]  # [start, end) addresses
+
+
+def anonymous_regions(maps: Path = Path("/proc/self/maps")) -> list[Region]:
+    """The private anonymous read-write mappings of this process (no file, no name)."""
+    try:
+        text = maps.read_text()
+    except OSError:
+        return []
+    regions = []
+    for line in text.splitlines():
+        fields = line.split()
+        # address perms offset dev inode [pathname]: anonymous ones have no pathname.
+        if len(fields) != 5 or not fields[1].startswith("rw") or fields[1][3] != "p":
+            continue
+        start, _, end = fields[0].partition("-")
+        regions.append((int(start, 16), int(end, 16)))
+    return regions
+
+
+def new_regions(before: list[Region], after: list[Region], at_least: int) -> list[Region]:
+    """The mappings of ``after`` of ``at_least`` bytes or more that overlap nothing of
+    ``before``: memory that appeared in between, with nothing older merged into it."""
+    return [
+        (start, end)
+        for start, end in after
+        if end - start >= at_least and not any(s < end and start < e for s, e in before)
+    ]
+
+
+def release_zero_chunks(start: int, end: int) -> int:
+    """Drop every whole ``CHUNK`` of [start, end) that holds only zeros; the bytes dropped."""
+    if not sys.platform.startswith("linux"):
+        return 0
+    libc = ctypes.PyDLL(None)  # PyDLL keeps the GIL across the call
+    madvise = libc.madvise
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    madvise.restype = ctypes.c_int
+    released = 0
+    at = -(-start // CHUNK) * CHUNK  # the first chunk boundary at or after start
+    while at + CHUNK <= end:
+        if ctypes.string_at(at, CHUNK) == _ZEROS and madvise(at, CHUNK, _MADV_DONTNEED) == 0:
+            released += CHUNK
+        at += CHUNK
+    return released
+
+
+def kv_cache_bytes(model: object, cells: int, bytes_per_value: float) -> int:
+    """The size llama.cpp's KV cache of ``cells`` cells takes for ``model``."""
+    import llama_cpp
+
+    n_layer = llama_cpp.llama_model_n_layer(model)
+    n_embd = llama_cpp.llama_model_n_embd(model)
+    n_head = max(1, llama_cpp.llama_model_n_head(model))
+    n_head_kv = llama_cpp.llama_model_n_head_kv(model)
+    per_cell = 2 * n_layer * n_head_kv * (n_embd // n_head)  # K and V, every layer
+    return int(cells * per_cell * bytes_per_value)
+
+
+def release_new_zero_memory(before: list[Region], at_least: int) -> int:
+    """Drop the zero chunks of the mappings of at least ``at_least`` bytes that appeared
+    since ``before`` (an ``anonymous_regions()`` snapshot); the bytes dropped."""
+    if not before:
+        return 0
+    released = 0
+    for start, end in new_regions(before, anonymous_regions(), at_least):
+        released += release_zero_chunks(start, end)
+    return released

@@ -1,0 +1,68 @@
+"""Dropping zero pages of memory that appeared while a llama.cpp context was made: which
+mappings count as new, and that dropping changes no byte a reader sees."""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
+from pathlib import Path
+
+import pytest
+
+from batchd.engines.llamacpp.zero_pages import (
+    CHUNK,
+    anonymous_regions,
+    new_regions,
+    release_zero_chunks,
+)
+
+MAPS = """\
+55d0c0000000-55d0c0021000 r--p 00000000 08:01 1234    /usr/bin/python3.11
+55d0c2000000-55d0c2400000 rw-p 00000000 00:00 0       [heap]
+7f0000000000-7f0040000000 rw-p 00000000 00:00 0
+7f0040000000-7f0040001000 ---p 00000000 00:00 0
+7f0050000000-7f0050200000 rw-s 00000000 00:05 99      /dev/shm/x
+7f0060000000-7f0060100000 rw-p 00000000 00:00 0
+"""
+
+
+def test_only_private_anonymous_read_write_mappings_are_listed(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    maps.write_text(MAPS)
+    assert anonymous_regions(maps) == [
+        (0x7F0000000000, 0x7F0040000000),
+        (0x7F0060000000, 0x7F0060100000),
+    ]
+    assert anonymous_regions(tmp_path / "missing") == []
+
+
+def test_a_mapping_is_new_only_if_nothing_older_is_merged_into_it() -> None:
+    before = [(100, 200), (1000, 1100)]
+    after = [
+        (100, 200),  # as it was
+        (200, 900),  # appeared: adjacent, not overlapping
+        (950, 1100),  # an older mapping grew into it: not new
+        (5000, 5010),  # new but small
+    ]
+    assert new_regions(before, after, at_least=50) == [(200, 900)]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise semantics of Linux")
+def test_zero_chunks_are_dropped_and_every_byte_reads_the_same() -> None:
+    size = 6 * CHUNK
+    region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        region[:] = bytes(size)  # touched, as llama.cpp's memset does
+        region[2 * CHUNK + 5] = 7  # one chunk holds data
+        start = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        released = release_zero_chunks(start, start + size)
+        aligned_chunks = (start + size) // CHUNK - (-(-start // CHUNK))
+        assert released == (aligned_chunks - 1) * CHUNK  # every whole chunk but the one
+        assert region[2 * CHUNK + 5] == 7
+        assert region[: 2 * CHUNK + 5] == bytes(2 * CHUNK + 5)
+        assert region[2 * CHUNK + 6 :] == bytes(size - 2 * CHUNK - 6)
+        region[CHUNK + 1] = 9  # a dropped page takes writes again
+        assert region[CHUNK + 1] == 9
+    finally:
+        region.close()
