@@ -953,37 +953,47 @@ def test_serve_refuses_a_bad_config_with_exit_2(tmp_path: Path) -> None:
     assert "models.x.api_key_env" in done.stderr and "NOT_SET_ANYWHERE_123" in done.stderr
 
 
-def test_responses_for_an_upstream_model_are_sent_as_chat_completions(
-    oa: openai.OpenAI, proxy: FaultProxy
-) -> None:
-    # llama-cpp-python's server has no /v1/responses: batchd translates, realtime and batch.
-    proxy.reset_stats()
+def responses_every_way(
+    oa: openai.OpenAI, model: str, tag: str
+) -> tuple[Any, list[dict[str, Any]]]:
+    """One Responses request plain, one streamed, and a batch of two, through ``model``: the
+    plain response and the batch's output rows, once each has been checked."""
     response = oa.responses.create(
-        model="smol", instructions="Be brief.", input="Say hi.", max_output_tokens=4
+        model=model, instructions="Be brief.", input="Say hi.", max_output_tokens=4
     )
     assert response.id.startswith("resp_") and response.output_text
     assert response.usage is not None and response.usage.input_tokens > 0
     assert response.status in ("completed", "incomplete")
     events = list(
-        oa.responses.create(model="smol", input="Say hi.", max_output_tokens=4, stream=True)
+        oa.responses.create(model=model, input="Say hi.", max_output_tokens=4, stream=True)
     )
     assert events[0].type == "response.created"
     assert events[-1].type in ("response.completed", "response.incomplete")
     lines = [
         {
-            "custom_id": f"r-{i}",
+            "custom_id": f"{tag}-{i}",
             "method": "POST",
             "url": "/v1/responses",
-            "body": {"model": "smol", "input": f"Name a color, {i}.", "max_output_tokens": 4},
+            "body": {"model": model, "input": f"Name a color, {i}.", "max_output_tokens": 4},
         }
         for i in range(2)
     ]
     batch, output, errors = run_batch(oa, lines, endpoint="/v1/responses")
     assert batch.status == "completed" and errors == []
-    assert sorted(row["custom_id"] for row in output) == ["r-0", "r-1"]
+    assert sorted(row["custom_id"] for row in output) == [f"{tag}-0", f"{tag}-1"]
     for row in output:
         body = row["response"]["body"]
         assert body["object"] == "response" and body["output"][0]["content"][0]["text"]
+    assert batch.usage is not None and batch.usage.input_tokens > 0
+    return response, output
+
+
+def test_responses_for_an_upstream_model_are_sent_as_chat_completions(
+    oa: openai.OpenAI, proxy: FaultProxy
+) -> None:
+    # llama-cpp-python's server has no /v1/responses: batchd translates, realtime and batch.
+    proxy.reset_stats()
+    responses_every_way(oa, "smol", "r")
     # Four requests (a slow upstream may see a retry past the model's timeout), all chat.
     assert {seen.path for seen in proxy.seen} == {"/v1/chat/completions"}
     assert len(proxy.seen) >= 4
@@ -995,37 +1005,10 @@ def test_responses_go_natively_to_an_upstream_configured_for_them(
     # self-native's upstream (this gateway's own embedded model, as vLLM would be) serves
     # /v1/responses: bodies go there as they are, and its response objects come back.
     native_proxy.reset_stats()
-    response = oa.responses.create(
-        model="self-native", instructions="Be brief.", input="Say hi.", max_output_tokens=4
-    )
-    assert response.id.startswith("resp_") and response.output_text
+    response, output = responses_every_way(oa, "self-native", "n")
     assert response.model == "local"  # the upstream's own answer, as it sent it
-    assert response.usage is not None and response.usage.input_tokens > 0
-    events = list(
-        oa.responses.create(model="self-native", input="Say hi.", max_output_tokens=4, stream=True)
-    )
-    assert events[0].type == "response.created"
-    assert events[-1].type in ("response.completed", "response.incomplete")
-    lines = [
-        {
-            "custom_id": f"n-{i}",
-            "method": "POST",
-            "url": "/v1/responses",
-            "body": {
-                "model": "self-native",
-                "input": f"Name a fruit, {i}.",
-                "max_output_tokens": 4,
-            },
-        }
-        for i in range(2)
-    ]
-    batch, output, errors = run_batch(oa, lines, endpoint="/v1/responses")
-    assert batch.status == "completed" and errors == []
-    assert sorted(row["custom_id"] for row in output) == ["n-0", "n-1"]
     for row in output:
         body = row["response"]["body"]
-        assert body["object"] == "response" and body["model"] == "local"
-        assert body["usage"]["input_tokens"] > 0
-    assert batch.usage is not None and batch.usage.input_tokens > 0
+        assert body["model"] == "local" and body["usage"]["input_tokens"] > 0
     assert {seen.path for seen in native_proxy.seen} == {"/v1/responses"}
     assert len(native_proxy.seen) == 4
