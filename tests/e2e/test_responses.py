@@ -10,7 +10,7 @@ import openai
 import pytest
 from openai.types.responses import Response
 
-from tests.support.helpers import read_jsonl, upload, wait_for
+from tests.support.helpers import assert_responses_stream_order, read_jsonl, upload, wait_for
 
 ENDPOINT = "/v1/responses"
 
@@ -74,19 +74,7 @@ def test_streaming_gives_the_sdks_events_and_the_same_text(client: openai.OpenAI
     }
     whole = client.responses.create(**args)
     events = list(client.responses.create(**args, stream=True))
-    types = [event.type for event in events]
-    assert types[:4] == [
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-        "response.content_part.added",
-    ]
-    assert types[-4:-1] == [
-        "response.output_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
-    ]
-    assert types[-1] in ("response.completed", "response.incomplete")
+    assert_responses_stream_order([event.type for event in events])
     assert [event.sequence_number for event in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == whole.output_text

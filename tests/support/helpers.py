@@ -115,3 +115,26 @@ def file_gone(client: openai.OpenAI, file_id: str) -> bool:
     except openai.NotFoundError:
         return True
     return False
+
+
+# The Responses API stream's events in the order the openai SDK expects them.
+RESPONSES_STREAM_OPENING = [
+    "response.created",
+    "response.in_progress",
+    "response.output_item.added",
+    "response.content_part.added",
+]
+RESPONSES_STREAM_CLOSING = [
+    "response.output_text.done",
+    "response.content_part.done",
+    "response.output_item.done",
+]
+
+
+def assert_responses_stream_order(types: list[str]) -> None:
+    """The four opening events, text deltas only, the three closing events, then
+    ``response.completed`` or ``response.incomplete``."""
+    assert types[:4] == RESPONSES_STREAM_OPENING
+    assert set(types[4:-4]) <= {"response.output_text.delta"}
+    assert types[-4:-1] == RESPONSES_STREAM_CLOSING
+    assert types[-1] in ("response.completed", "response.incomplete")

@@ -18,11 +18,10 @@ from batchd.api import openapi_schemas
 from batchd.api.auth import Tenant
 from batchd.api.deps import ServicesDep
 from batchd.api.json_body import read_json
-from batchd.engines.base import Engine
 from batchd.inference.dispatch import Relayed, Rendered, Streamed, answer_realtime_openai
 from batchd.protocol.openai import bodies as oa_bodies
 from batchd.protocol.openai import responses as oa_responses
-from batchd.service.services import note_realtime
+from batchd.service.services import Services, note_realtime
 
 router = APIRouter()
 
@@ -40,21 +39,21 @@ def _response(answer: Rendered | Relayed | Streamed) -> Any:
     )
 
 
-async def _handle(request: Request, endpoint: str, engine: Engine) -> Any:
+async def _handle(request: Request, endpoint: str, services: Services) -> Any:
+    """A realtime request: noted first (the loop stops pacing at once), then answered."""
+    note_realtime(services)
     body = await read_json(request, MAX_REALTIME_BODY_BYTES)
-    return _response(await answer_realtime_openai(engine, endpoint, body))
+    return _response(await answer_realtime_openai(services.engine, endpoint, body))
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_schemas.CHAT_COMPLETION)
 async def chat_completions(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
-    note_realtime(services)
-    return await _handle(request, "/v1/chat/completions", services.engine)
+    return await _handle(request, "/v1/chat/completions", services)
 
 
 @router.post("/v1/completions", openapi_extra=openapi_schemas.COMPLETION)
 async def completions(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
-    note_realtime(services)
-    return await _handle(request, "/v1/completions", services.engine)
+    return await _handle(request, "/v1/completions", services)
 
 
 _EMBEDDINGS_BODY = openapi_schemas.json_body(
@@ -76,8 +75,7 @@ _EMBEDDINGS_BODY = openapi_schemas.json_body(
 
 @router.post("/v1/embeddings", openapi_extra=_EMBEDDINGS_BODY)
 async def embeddings(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
-    note_realtime(services)
-    return await _handle(request, oa_bodies.EMBEDDINGS_ENDPOINT, services.engine)
+    return await _handle(request, oa_bodies.EMBEDDINGS_ENDPOINT, services)
 
 
 _RESPONSES_BODY = openapi_schemas.json_body(
@@ -102,8 +100,7 @@ _RESPONSES_BODY = openapi_schemas.json_body(
 
 @router.post("/v1/responses", openapi_extra=_RESPONSES_BODY)
 async def responses(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
-    note_realtime(services)
-    return await _handle(request, oa_responses.RESPONSES_ENDPOINT, services.engine)
+    return await _handle(request, oa_responses.RESPONSES_ENDPOINT, services)
 
 
 @router.get("/v1/models")

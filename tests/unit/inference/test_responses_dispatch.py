@@ -22,6 +22,7 @@ from batchd.inference.dispatch import Rendered, Streamed
 from batchd.inference.executors.base import RunContext
 from batchd.inference.executors.registry import execute
 from batchd.store.records import RequestState
+from tests.support.helpers import assert_responses_stream_order
 from tests.unit.inference.stubs import UPSTREAM_MODEL, StubUpstream
 from tests.unit.inference.test_dispatch import collect, sse_data, without
 
@@ -98,18 +99,8 @@ def test_the_stream_is_the_sdks_events_in_order() -> None:
     assert names == [e.type for e in events]
     assert [e.sequence_number for e in events] == list(range(len(events)))
     types = [e.type for e in events]
-    assert types[:4] == [
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-        "response.content_part.added",
-    ]
-    assert types[-4:] == [
-        "response.output_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
-        "response.completed",
-    ]
+    assert_responses_stream_order(types)
+    assert types[-1] == "response.completed"
     deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
     final = events[-1]
     assert final.type == "response.completed"
