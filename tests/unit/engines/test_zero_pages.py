@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from batchd.engines.llamacpp.zero_pages import (
     anonymous_regions,
     new_regions,
     release_zero_chunks,
+    released_while_made,
 )
 
 MAPS = """\
@@ -64,5 +66,41 @@ def test_zero_chunks_are_dropped_and_every_byte_reads_the_same() -> None:
         assert region[2 * CHUNK + 6 :] == bytes(size - 2 * CHUNK - 6)
         region[CHUNK + 1] = 9  # a dropped page takes writes again
         assert region[CHUNK + 1] == 9
+    finally:
+        region.close()
+
+
+def _resident_chunks(start: int, size: int) -> int:
+    """How many whole CHUNKs of [start, start + size) have any page resident (mincore)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = mmap.PAGESIZE
+    base = start - start % page
+    pages = (start + size - base + page - 1) // page
+    vec = (ctypes.c_ubyte * pages)()
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    assert libc.mincore(ctypes.c_void_p(base), ctypes.c_size_t(pages * page), vec) == 0
+    per_chunk = CHUNK // page
+    return sum(any(vec[i : i + per_chunk]) for i in range(0, pages, per_chunk))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise semantics of Linux")
+def test_the_sweep_trails_a_clear_that_is_still_running_and_keeps_data() -> None:
+    # A mapping that appears inside the block and is zeroed chunk by chunk, as llama.cpp's
+    # clear does while the context is made: the sweeper gives chunks back behind the writer,
+    # so they are never all resident at once, and a chunk holding data is never dropped.
+    size = 16 * CHUNK
+    before = anonymous_regions()
+    with released_while_made(before, at_least=size // 2, pause=0.001):
+        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        start = ctypes.addressof(ctypes.c_char.from_buffer(region))
+        region[3] = 1  # data written first, as if by something else: must survive
+        most = 0
+        for chunk in range(size // CHUNK):
+            region[chunk * CHUNK : (chunk + 1) * CHUNK] = bytes(CHUNK) if chunk else region[:CHUNK]
+            time.sleep(0.02)  # the GIL is free meanwhile, as in llama.cpp's C code
+            most = max(most, _resident_chunks(start, size))
+    try:
+        assert region[3] == 1
+        assert most < size // CHUNK // 2  # never even half resident at once
     finally:
         region.close()

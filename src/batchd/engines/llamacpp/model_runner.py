@@ -76,14 +76,16 @@ class ModelRunner:
             params.type_k = params.type_v = llama_cpp.GGML_TYPE_Q8_0
             params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED
         params.no_perf = True
-        before = zero_pages.anonymous_regions()
-        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
-        if not self.ctx:
-            raise EngineError(f"could not create a llama.cpp context for {path}")
-        # llama.cpp cleared the whole KV cache, making it all resident: give the pages back
-        # until sequences write into them (zero_pages.py says why this is safe).
+        # llama.cpp clears the whole KV cache as it makes the context, which would make it all
+        # resident: its pages are given back as the clear goes, and once more after it, until
+        # sequences write into them (zero_pages.py says why this is safe).
         value_bytes = 34 / 32 if options.kv_type == "q8_0" else 2
         kv_bytes = zero_pages.kv_cache_bytes(self.model, options.ctx_size, value_bytes)
+        before = zero_pages.anonymous_regions()
+        with zero_pages.released_while_made(before, kv_bytes // 2):
+            self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            raise EngineError(f"could not create a llama.cpp context for {path}")
         self.kv_bytes_released = zero_pages.release_new_zero_memory(before, kv_bytes // 2)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)

@@ -9,6 +9,13 @@ the next read of it gives zeros again, and the next write gets a fresh page. So 
 context is made, the 2 MiB chunks of its new memory that are all zeros are dropped, and a page
 comes back only when a sequence writes a KV cell into it.
 
+The clear itself would still make the whole cache resident for a moment, which is the
+process's peak. So while the context is being made (llama.cpp runs it with the GIL released) a
+sweeper thread drops the chunks the ``memset`` has already zeroed, trailing it through the new
+mapping; the pass after the context is made remains the one that guarantees every zero chunk is
+given back. Racing the ``memset`` is safe because it writes only zeros: a chunk dropped before
+or while it is written reads as zeros either way.
+
 Only memory that appeared while the context was made is looked at: a whole mapping that did
 not exist before (no neighbour's memory merged into it) and is at least half the size the KV
 cache must have. The check and the ``madvise`` run with the GIL held (``ctypes.PyDLL``), so no
@@ -21,6 +28,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -59,8 +69,10 @@ def new_regions(before: list[Region], after: list[Region], at_least: int) -> lis
     ]
 
 
-def release_zero_chunks(start: int, end: int) -> int:
-    """Drop every whole ``CHUNK`` of [start, end) that holds only zeros; the bytes dropped."""
+def release_zero_chunks(start: int, end: int, stop: threading.Event | None = None) -> int:
+    """Drop every whole ``CHUNK`` of [start, end) that holds only zeros; the bytes dropped.
+    With ``stop``, the walk ends early once it is set (the sweep while a context is made hands
+    over to the final pass the moment the context exists, so nothing else writes meanwhile)."""
     if not sys.platform.startswith("linux"):
         return 0
     libc = ctypes.PyDLL(None)  # PyDLL keeps the GIL across the call
@@ -69,7 +81,7 @@ def release_zero_chunks(start: int, end: int) -> int:
     madvise.restype = ctypes.c_int
     released = 0
     at = -(-start // CHUNK) * CHUNK  # the first chunk boundary at or after start
-    while at + CHUNK <= end:
+    while at + CHUNK <= end and not (stop is not None and stop.is_set()):
         if ctypes.string_at(at, CHUNK) == _ZEROS and madvise(at, CHUNK, _MADV_DONTNEED) == 0:
             released += CHUNK
         at += CHUNK
@@ -97,3 +109,28 @@ def release_new_zero_memory(before: list[Region], at_least: int) -> int:
     for start, end in new_regions(before, anonymous_regions(), at_least):
         released += release_zero_chunks(start, end)
     return released
+
+
+@contextmanager
+def released_while_made(
+    before: list[Region], at_least: int, pause: float = 0.002
+) -> Iterator[None]:
+    """Around the call that makes a llama.cpp context: keep dropping the zero chunks of new
+    mappings of at least ``at_least`` bytes (see the module's docstring) until it returns."""
+    if not before or not sys.platform.startswith("linux"):
+        yield
+        return
+    made = threading.Event()
+
+    def sweep() -> None:
+        while not made.wait(pause):
+            for start, end in new_regions(before, anonymous_regions(), at_least):
+                release_zero_chunks(start, end, stop=made)
+
+    sweeper = threading.Thread(target=sweep, name="kv-zero-pages", daemon=True)
+    sweeper.start()
+    try:
+        yield
+    finally:
+        made.set()
+        sweeper.join()
