@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./batchd-data")
     # Comma-separated. Empty: every request is accepted (and the server says so loudly).
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    # One '<key> <tenant-name>' per line; several keys may share a tenant. Re-read on SIGHUP.
+    # One '<key> <tenant-name> [weight=W]' per line; several keys may share a tenant; W is the
+    # tenant's share of batch capacity (default 1). Re-read on SIGHUP.
     keys_file: Path | None = None
     # Serving on a non-loopback address with no keys is refused unless this is set.
     insecure_no_auth: bool = False
@@ -108,6 +109,8 @@ class Settings(BaseSettings):
 
     # Scheduling.
     lease_seconds: int = 60
+    # Fair share across tenants counts the tokens each used over this many seconds.
+    fair_share_window_seconds: int = Field(default=300, ge=10, le=3600)
     poll_interval_seconds: float = 0.5
     # On SIGTERM a worker stops leasing and gives the requests in hand this long to finish
     # before handing the rest back to the queue.

@@ -42,10 +42,20 @@ def create_app(services: Services, running: WhileServing | None = None) -> FastA
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop = asyncio.get_running_loop()
+        if running is not None:
+            # The tenants' weights go to the database, where every worker's leasing reads them.
+            await asyncio.to_thread(services.store.set_tenant_weights, keyring.weights())
         if settings.keys_file is not None:
-            # SIGHUP re-reads the keys file: rotate keys without dropping in-flight work.
+
+            def reload_keys() -> None:
+                # SIGHUP re-reads the keys file: rotate keys and weights without dropping
+                # in-flight work.
+                if keyring.reload() and running is not None:
+                    loop.run_in_executor(None, services.store.set_tenant_weights, keyring.weights())
+
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, keyring.reload)
+                loop.add_signal_handler(signal.SIGHUP, reload_keys)
         async with running() if running is not None else contextlib.nullcontext():
             app.state.ready = True
             try:

@@ -1,9 +1,12 @@
 """Which API keys exist and which tenant each belongs to.
 
 Two sources: ``BATCHD_API_KEYS`` (each key is its own tenant, named by a hash of the key, so
-the key itself is never stored) and a keys file (``--keys-file``), one ``<key> <tenant-name>``
-per line, where several keys may name the same tenant. The file is re-read on SIGHUP; a file
-that no longer parses keeps the previous keys in force rather than locking everyone out.
+the key itself is never stored) and a keys file (``--keys-file``), one
+``<key> <tenant-name> [weight=W]`` per line, where several keys may name the same tenant. The
+weight is the tenant's share of batch capacity against other tenants (default 1; see
+store/fair_share.py); lines of one tenant must not give it different weights. The file is
+re-read on SIGHUP; a file that no longer parses keeps the previous keys in force rather than
+locking everyone out.
 
 Lookups compare the presented key with every known key in constant time and never stop
 early, so the time taken says nothing about which key (or how much of one) matched.
@@ -43,11 +46,24 @@ def named_tenant(name: str) -> str:
 class _Entry:
     key: bytes
     tenant: str
+    weight: float | None = None  # None: the default share
+
+
+def _parse_weight(field: str, where: str) -> float:
+    name, _, value = field.partition("=")
+    try:
+        weight = float(value) if name == "weight" else float("nan")
+    except ValueError:
+        weight = float("nan")
+    if not 0 < weight <= 1_000_000:  # NaN fails this too
+        raise KeysFileError(f"{where}: expected 'weight=W' with W a number above 0")
+    return weight
 
 
 def parse_keys_file(path: Path) -> list[_Entry]:
     entries: list[_Entry] = []
     seen: dict[bytes, int] = {}
+    weighed: dict[str, tuple[float, int]] = {}  # tenant name: (weight, line it was given on)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -57,9 +73,10 @@ def parse_keys_file(path: Path) -> list[_Entry]:
         if not line or line.startswith("#"):
             continue
         parts = line.split()
-        if len(parts) != 2:
-            raise KeysFileError(f"{path}:{line_no}: expected '<key> <tenant-name>'")
-        key, name = parts
+        if len(parts) not in (2, 3):
+            raise KeysFileError(f"{path}:{line_no}: expected '<key> <tenant-name> [weight=W]'")
+        key, name = parts[:2]
+        weight = _parse_weight(parts[2], f"{path}:{line_no}") if len(parts) == 3 else None
         if len(key) < MIN_KEY_LENGTH:
             raise KeysFileError(f"{path}:{line_no}: key shorter than {MIN_KEY_LENGTH} characters")
         if not TENANT_NAME_RE.fullmatch(name):
@@ -70,7 +87,14 @@ def parse_keys_file(path: Path) -> list[_Entry]:
         if raw in seen:
             raise KeysFileError(f"{path}:{line_no}: key already given on line {seen[raw]}")
         seen[raw] = line_no
-        entries.append(_Entry(raw, named_tenant(name)))
+        if weight is not None:
+            earlier = weighed.setdefault(name, (weight, line_no))
+            if earlier[0] != weight:
+                raise KeysFileError(
+                    f"{path}:{line_no}: tenant {name} was given weight {earlier[0]:g} on line"
+                    f" {earlier[1]}"
+                )
+        entries.append(_Entry(raw, named_tenant(name), weight))
     return entries
 
 
@@ -101,6 +125,11 @@ class KeyRing:
             self._entries = entries
         log.info("keys file reloaded: %d keys", len(entries))
         return True
+
+    def weights(self) -> dict[str, float]:
+        """The tenants the keys file gives a weight (the others weigh the default)."""
+        with self._lock:
+            return {e.tenant: e.weight for e in self._entries if e.weight is not None}
 
     def tenant_for(self, presented: str) -> str | None:
         """The tenant owning ``presented``, or None. Constant time in the key's content."""

@@ -359,7 +359,12 @@ class Scheduler:
         # cannot take every slot from other models' batches.
         skip = self.engine.unavailable_models()
         leased = await asyncio.to_thread(
-            self.store.lease, self.owner, free, self.settings.lease_seconds, skip
+            self.store.lease,
+            self.owner,
+            free,
+            self.settings.lease_seconds,
+            skip,
+            self.settings.fair_share_window_seconds,
         )
         self._leased_last_tick = len(leased)
         if leased:

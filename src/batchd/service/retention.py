@@ -68,6 +68,7 @@ def purge(store: Store, blobs: BlobStore, settings: Settings, at: int | None = N
         archived += sum(store.archive_batch(batch_id, at) for batch_id in batch_ids)
     keys = store.purge_idempotency_keys(at - idempotency.TTL_SECONDS)
     dropped = _drop_orphan_rows(store, at)
+    store.prune_tenant_usage()  # fair share reads only the last minutes of it
     # Names first, then the directory: a blob committed in between is younger than the grace.
     referenced = store.all_blob_names()
     orphans = blobs.remove_orphans(referenced, older_than=at - ORPHAN_BLOB_GRACE_SECONDS)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, insert, or_, select, text, update
+from sqlalchemy import Connection, Engine, and_, bindparam, func, insert, or_, select, text, update
 from sqlalchemy.sql.elements import TextClause
 
 from batchd.clock import now
-from batchd.store import schema
+from batchd.store import fair_share, schema, tenants
 from batchd.store.records import (
     BatchStatus,
     FinishedRow,
@@ -157,16 +157,24 @@ class QueueMixin:
     # ---------------------------------------------------------------------- leases
 
     def lease(
-        self, owner: str, n: int, lease_seconds: int, skip_models: Iterable[str] = ()
+        self,
+        owner: str,
+        n: int,
+        lease_seconds: int,
+        skip_models: Iterable[str] = (),
+        share_window: int = 300,
     ) -> list[LeasedRequest]:
-        """Claim up to ``n`` pending rows: the earliest deadline's batch first, within a
-        batch rows sharing a prompt prefix together, in input order."""
+        """Claim up to ``n`` pending rows, shared across tenants by fair_share.plan (deadlines
+        at risk first, then each tenant by weight in tokens over the last ``share_window``
+        seconds, then a tenant's batches by deadline); within a batch, rows sharing a prompt
+        prefix together, in input order."""
         if n <= 0:
             return []
         b, r = schema.batches, schema.requests
+        at = now()
         with self.engine.connect() as conn:  # read apart: the claim below starts by writing
-            candidates = conn.execute(
-                select(b.c.id, b.c.endpoint, b.c.expires_at)
+            rows_in_order = conn.execute(
+                select(b.c.id, b.c.tenant, b.c.endpoint, b.c.expires_at)
                 .where(
                     b.c.status == BatchStatus.IN_PROGRESS.value,
                     select(r.c.seq)
@@ -175,26 +183,41 @@ class QueueMixin:
                 )
                 .order_by(b.c.expires_at, b.c.id)
             ).all()
-        if not candidates:
-            return []
-        params: dict[str, Any] = {"owner": owner, "expires": now() + lease_seconds}
+            if not rows_in_order:
+                return []
+            batches = {row.id: row for row in rows_in_order}
+            order = [(row.id, n) for row in rows_in_order]
+            if len({row.tenant for row in rows_in_order}) > 1:
+                # Several tenants wait: share the slice (one tenant's batches simply go in
+                # deadline order, which is what the plan would say, without its reads).
+                order = self._share(conn, rows_in_order, n, share_window, at)
+        params: dict[str, Any] = {"owner": owner, "expires": at + lease_seconds}
         skip = sorted(set(skip_models))
         if skip:
             params["skip"] = skip
-        batches = {row.id: row for row in candidates}
-        rank = {row.id: position for position, row in enumerate(candidates)}
+        rank = {batch_id: position for position, (batch_id, _) in enumerate(order)}
         rows: list[Any] = []
         with self.engine.begin() as conn:
             statement = _LEASE_SQL[conn.dialect.name, bool(skip)]
-            for batch in candidates:
-                wanted = n - len(rows)
-                if wanted <= 0:
-                    break
-                rows += conn.execute(statement, {**params, "batch_id": batch.id, "n": wanted})
-        # RETURNING order is unspecified: put the slice back in scheduling order (deadline,
+
+            def claim(batch_id: str, wanted: int) -> None:
+                if wanted > 0:
+                    rows.extend(
+                        conn.execute(statement, {**params, "batch_id": batch_id, "n": wanted})
+                    )
+
+            for batch_id, share in order:
+                claim(batch_id, min(share, n - len(rows)))
+            # Rows the plan counted on but could not claim (their model is skipped, or
+            # another worker took them first) go to whoever has runnable rows left.
+            for batch_id in batches:
+                claim(batch_id, n - len(rows))
+        # RETURNING order is unspecified: put the slice back in scheduling order (the plan's,
         # then prompt prefix, then input order), the order the engine should start it in.
-        rows.sort(key=lambda row: (rank[row.batch_id], row.prefix_key or "", row.line_no))
-        leased = [
+        rows.sort(
+            key=lambda row: (rank.get(row.batch_id, len(rank)), row.prefix_key or "", row.line_no)
+        )
+        return [
             LeasedRequest(
                 seq=row.seq,
                 batch_id=row.batch_id,
@@ -205,10 +228,40 @@ class QueueMixin:
                 endpoint=batches[row.batch_id].endpoint,
                 expires_at=batches[row.batch_id].expires_at,
                 upstream_attempts=row.upstream_attempts,
+                tenant=batches[row.batch_id].tenant,
             )
             for row in rows
         ]
-        return leased
+
+    @staticmethod
+    def _share(
+        conn: Connection, candidates: Sequence[Any], n: int, window: int, at: int
+    ) -> list[tuple[str, int]]:
+        """fair_share.plan over what the database says now: pending rows per batch, each
+        tenant's recent usage and running rows, and the weights."""
+        r = schema.requests
+        ids = [row.id for row in candidates]
+        pending = {
+            row[0]: int(row[1])
+            for row in conn.execute(
+                select(r.c.batch_id, func.count())
+                .where(r.c.batch_id.in_(ids), r.c.state == RequestState.PENDING.value)
+                .group_by(r.c.batch_id)
+            )
+        }
+        weights = {
+            row.tenant: float(row.weight) for row in conn.execute(select(schema.tenant_weights))
+        }
+        return fair_share.plan(
+            n,
+            [
+                fair_share.Candidate(row.id, row.tenant, row.expires_at, pending.get(row.id, 0))
+                for row in candidates
+            ],
+            weights,
+            tenants.recent(conn, ids, window, at),
+            at,
+        )
 
     def renew_leases(self, owner: str, lease_seconds: int) -> int:
         """The heartbeat: push back the expiry of every lease ``owner`` holds; returns how
@@ -272,6 +325,7 @@ class QueueMixin:
         r = schema.requests
         finished_at = now()
         written: list[bool] = []
+        usage: dict[str, fair_share.Usage] = {}  # what each tenant's rows used, for its share
         with self.engine.begin() as conn:
             for leased, outcome in finished:
                 changed = conn.execute(
@@ -291,6 +345,15 @@ class QueueMixin:
                     )
                 ).rowcount
                 written.append(bool(changed))
+                if changed and leased.tenant:
+                    used = usage.setdefault(leased.tenant, fair_share.Usage())
+                    used.rows += 1
+                    used.tokens += (
+                        max(0, outcome.prompt_tokens - outcome.cached_tokens)
+                        + outcome.completion_tokens
+                    )
+            if usage:
+                tenants.add_usage(conn, usage, finished_at)
         return written
 
     def release(self, leased: LeasedRequest, owner: str, upstream_attempts: int) -> bool:

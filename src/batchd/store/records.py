@@ -140,6 +140,7 @@ class LeasedRequest:
     endpoint: str
     expires_at: int | None = None  # the batch's deadline: retrying past it is pointless
     upstream_attempts: int = 0  # upstream HTTP attempts made under earlier leases
+    tenant: str = ""  # the batch's owner: finished work counts toward its fair share
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Float,
     Index,
     Integer,
     LargeBinary,
@@ -122,4 +123,25 @@ idempotency_keys = Table(
     Column("fingerprint", String(64), nullable=False),  # sha256 of the request's content
     Column("object_id", String(64), nullable=True),  # None while the first request runs
     Column("created_at", BigInteger, nullable=False),
+)
+
+# Fair share (fair_share.py): each tenant's weight, as the keys file gives it (a tenant with
+# no row weighs 1), written by whichever process reads the keys file, read by every worker.
+tenant_weights = Table(
+    "tenant_weights",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("weight", Float, nullable=False),
+)
+
+# The engine tokens and rows each tenant's batch work finished, per bucket of
+# fair_share.BUCKET_SECONDS (``bucket`` is its start, epoch seconds): leasing reads the recent
+# window of it, and buckets older than any window are deleted as new ones are written.
+tenant_usage = Table(
+    "tenant_usage",
+    metadata,
+    Column("tenant", String(64), primary_key=True),
+    Column("bucket", BigInteger, primary_key=True),
+    Column("tokens", BigInteger, nullable=False),
+    Column("rows", Integer, nullable=False),
 )

@@ -9,6 +9,7 @@ Each group of methods lives in a module of its own, as a mixin over the same eng
 - stats.py: counts and usage, per batch (cached for pollers) and over the database
 - retention.py: expired files, archiving, orphan rows, old idempotency keys
 - idempotency.py: looking up a create's key (recording it is part of each create)
+- tenants.py: tenants' weights and recent usage, which leasing shares the engine by
 
 The store depends on nothing of batchd's but the clock, the errors, the failpoints and its
 own modules, so the layers above it (protocol, scheduler, service, api) can all use it.
@@ -26,6 +27,7 @@ from batchd.store.idempotency import IdempotencyMixin
 from batchd.store.queue import QueueMixin
 from batchd.store.retention import RetentionMixin
 from batchd.store.stats import BatchStats, StatsMixin
+from batchd.store.tenants import TenantsMixin
 
 
 class Store(
@@ -36,6 +38,7 @@ class Store(
     StatsMixin,
     RetentionMixin,
     IdempotencyMixin,
+    TenantsMixin,
 ):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
