@@ -91,13 +91,24 @@ def small_chat_workload(n: int, max_tokens: int) -> list[dict[str, Any]]:
     ]
 
 
-def run_sequential(client: openai.OpenAI, bodies: list[dict[str, Any]]) -> tuple[float, int]:
-    """Each request through the realtime endpoint, one after another: (seconds, tokens)."""
+def run_sequential(
+    client: openai.OpenAI, bodies: list[dict[str, Any]], usage: dict[str, int] | None = None
+) -> tuple[float, int]:
+    """Each request through the realtime endpoint, one after another: (seconds, tokens).
+    ``usage``, if given, gains the prompt and cached prompt tokens of them all."""
     tokens = 0
     start = time.perf_counter()
     for body in bodies:
         response = client.chat.completions.create(**body)
-        tokens += response.usage.completion_tokens if response.usage else 0
+        if response.usage is None:
+            continue
+        tokens += response.usage.completion_tokens
+        if usage is not None:
+            details = response.usage.prompt_tokens_details
+            usage["prompt_tokens"] = usage.get("prompt_tokens", 0) + response.usage.prompt_tokens
+            usage["cached_tokens"] = usage.get("cached_tokens", 0) + (
+                (details.cached_tokens or 0) if details else 0
+            )
     return time.perf_counter() - start, tokens
 
 

@@ -96,10 +96,11 @@ def tok_per_s(tokens: int, seconds: float) -> float:
 
 def part_batch_vs_sequential(n: int, max_tokens: int, report: list[str]) -> dict[str, Any]:
     bodies = small_chat_workload(n, max_tokens)
+    seq_usage: dict[str, int] = {}
     with server() as srv:
         client = srv.client()
         run_sequential(client, bodies[:2])  # warm-up
-        seq_s, seq_tokens = run_sequential(client, bodies)
+        seq_s, seq_tokens = run_sequential(client, bodies, seq_usage)
         batch = run_batch(client, bodies)
     seq_rate = tok_per_s(seq_tokens, seq_s)
     batch_rate = tok_per_s(batch["completion_tokens"], batch["seconds"])
@@ -110,9 +111,41 @@ def part_batch_vs_sequential(n: int, max_tokens: int, report: list[str]) -> dict
         f" = {batch_rate:.0f} tok/s (upload to downloaded results)",
         f"   ratio batch/sequential: {batch_rate / seq_rate:.2f}x (target >= 3x)",
     ]
+    # The ceiling of that ratio: llama.cpp's own C++ decoding the same shape one sequence at a
+    # time and all n at once. Each sequential request computes only the prompt tokens the
+    # prefix cache did not hold (the chat template's shared opening is cached), and the batch
+    # shares that opening too, so both arms compute about these tokens.
+    uncached = seq_usage.get("prompt_tokens", 0) - seq_usage.get("cached_tokens", 0)
+    lines += _cpp_batch_ceiling(
+        n, prompt=max(1, round(uncached / n)), generated=max(1, round(seq_tokens / n))
+    )
     report.extend(lines)
     print("\n".join(lines), flush=True)
     return {"bodies": bodies, "batch_rate": batch_rate, "batch_seconds": batch["seconds"]}
+
+
+def _cpp_batch_ceiling(n: int, prompt: int, generated: int) -> list[str]:
+    """llama-batched-bench with 1 and with n sequences of ``prompt`` + ``generated`` tokens:
+    how much faster n at once is than n one after another, in llama.cpp's own C++."""
+    from batchd.config import Settings
+    from batchd.engines.llamacpp.model_files import bundled_gguf, requantized_q8_0
+    from peer_llama_server import CACHE, batched_bench, find_or_build
+
+    binary = find_or_build("llama-batched-bench")
+    if binary is None:
+        return ["   C++ ceiling: SKIPPED (llama-batched-bench could not be built here)"]
+    threads = Settings().n_threads
+    model = requantized_q8_0(bundled_gguf(), CACHE / "models", threads)
+    shape = {"threads": threads, "prompt": prompt, "generated": generated}
+    one = batched_bench(binary, model, sequences=1, **shape)
+    many = batched_bench(binary, model, sequences=n, **shape)
+    if one is None or many is None:
+        return ["   C++ ceiling: SKIPPED (llama-batched-bench printed no result)"]
+    return [
+        f"   llama-batched-bench, {prompt} uncached prompt + {generated} generated tokens a"
+        f" sequence: 1 at a time {one['t'] * n:.1f} s for {n}, {n} at once {many['t']:.1f} s",
+        f"   the C++ ceiling of batch/sequential on this shape: {one['t'] * n / many['t']:.2f}x",
+    ]
 
 
 def part_service_vs_raw(n: int, max_tokens: int, report: list[str]) -> None:
