@@ -55,11 +55,18 @@ class Settings(BaseSettings):
     models: Annotated[list[str], NoDecode] = Field(default_factory=list)  # name=path.gguf
     quant: Literal["q8_0", "as-is"] = "q8_0"
     n_threads: int = Field(default_factory=lambda: os.cpu_count() or 2)
-    ctx_size: int = 65536  # KV cells in all; each sequence gets ctx_size // max_seqs
-    max_seqs: int = 32
+    # KV cells in all; each sequence gets ctx_size // max_seqs (2,048). Resident memory follows
+    # the cells in use, not this (engines/llamacpp/zero_pages.py).
+    ctx_size: int = 135168
+    # 64 sequences of batch work decoded together, and two kept for realtime requests: on two
+    # cores 64 at once ran a 64-request batch 1.6x faster than 30 (bench/RESULTS.md).
+    max_seqs: int = 66
     prefix_sharing: bool = True
     # Keep a finished sequence's KV in its slot, for later prompts that start the same way.
     prefix_cache: bool = True
+    # The prefix cache's memory budget: KV cells it keeps in all (16,384: 377 MB at f16 for the
+    # bundled model), least recently used going first.
+    prefix_cache_cells: int = Field(default=16384, ge=0)
     # The embedded engine's KV cache element type: q8_0 takes half the memory of f16.
     kv_type: Literal["f16", "q8_0"] = "f16"
     engine: Literal["llamacpp", "fake"] = "llamacpp"  # "fake" is for scheduler tests only
@@ -109,6 +116,12 @@ class Settings(BaseSettings):
 
     # Scheduling.
     lease_seconds: int = 60
+    # A realtime request at service_tier "flex" not answered within this long gets a 429
+    # (below the OpenAI SDK's default 600 s client timeout).
+    flex_timeout_seconds: float = Field(default=540.0, gt=0, le=86400)
+    # The most output tokens a realtime request may ask for (unset: the model's context, as
+    # for batch lines, which this never limits).
+    realtime_max_tokens: int | None = Field(default=None, ge=1)
     # Fair share across tenants counts the tokens each used over this many seconds.
     fair_share_window_seconds: int = Field(default=300, ge=10, le=3600)
     poll_interval_seconds: float = 0.5

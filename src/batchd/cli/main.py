@@ -67,10 +67,10 @@ def serve(
         typer.Option(
             envvar="BATCHD_MAX_SEQS", help="Sequences decoded together [BATCHD_MAX_SEQS]."
         ),
-    ] = 32,
+    ] = 66,
     ctx_size: Annotated[
         int, typer.Option(envvar="BATCHD_CTX_SIZE", help="Total KV cache cells [BATCHD_CTX_SIZE].")
-    ] = 65536,
+    ] = 135168,
     keys_file: Annotated[
         Path | None,
         typer.Option(

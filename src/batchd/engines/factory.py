@@ -41,6 +41,7 @@ def build_engine(settings: Settings) -> Engine:
         max_seqs=settings.max_seqs,
         prefix_sharing=settings.prefix_sharing,
         prefix_cache=settings.prefix_cache,
+        prefix_cache_cells=settings.prefix_cache_cells,
         kv_type=settings.kv_type,
     )
 
@@ -83,6 +84,7 @@ def build_from_registry(reg: registry.Registry, settings: Settings) -> Engine:
             prefix_cache=(
                 settings.prefix_cache if options.prefix_cache is None else options.prefix_cache
             ),
+            prefix_cache_cells=options.prefix_cache_cells or settings.prefix_cache_cells,
             kv_type=options.kv_type or settings.kv_type,
         )
         engines.append(engine)

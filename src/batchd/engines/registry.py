@@ -53,6 +53,7 @@ class LlamaCppOptions(_Strict):
     max_seqs: int | None = Field(default=None, ge=2)
     prefix_sharing: bool | None = None
     prefix_cache: bool | None = None
+    prefix_cache_cells: int | None = Field(default=None, ge=0)
     kv_type: Literal["f16", "q8_0"] | None = None
 
 

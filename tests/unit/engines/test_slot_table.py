@@ -105,3 +105,31 @@ def test_compaction_gives_up_a_cached_slot_inside_the_active_range(kv: KVCalls) 
     assert [s.slot for s in active] == [0, 2, 1]
     assert kv.calls[0] == ("rm", 1, -1) and ("cp", 3, 1) in kv.calls
     assert not slots.cached
+
+
+def test_the_cache_keeps_within_its_budget_of_cells_least_recent_going_first(
+    kv: KVCalls,
+) -> None:
+    budget = 2 * len(PREFIX) + 5  # room for two 41-token entries, not three
+    slots = SlotTable(ctx=None, memory=None, max_seqs=8, cache=True, cache_cells=budget)
+    for tail in (1, 2, 3):
+        slots.release(slots.take(), [*PREFIX, tail])
+    assert [tokens[-1] for tokens in slots.cached.values()] == [2, 3]  # the first went
+    assert sum(len(t) for t in slots.cached.values()) <= budget
+    kv.calls.clear()
+    slots.release(slots.take(), list(range(budget + 1)))  # larger than the whole budget
+    assert kv.calls[-1] == ("rm", 0, -1) and len(slots.cached) == 2  # not kept, none evicted
+
+
+def test_kv_moves_into_a_slot_that_held_kv_before_rather_than_a_fresh_one(
+    kv: KVCalls,
+) -> None:
+    # Slot 3 held KV earlier (its pages are resident); 4-7 never did. A finished sequence's
+    # KV moves up into 3, not into the higher but fresh 7.
+    slots = SlotTable(ctx=None, memory=None, max_seqs=8, cache=True)
+    slots.warm.add(3)
+    slots.release(slots.take(), [*PREFIX, 1])
+    assert kv.calls[0] == ("cp", 0, 3) and list(slots.cached) == [3]
+    kv.calls.clear()
+    slots.release(slots.take(), [*PREFIX, 2])  # no used slot above is empty: the highest
+    assert kv.calls[0] == ("cp", 0, 7)

@@ -27,17 +27,21 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import mmap
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 21  # bytes checked and dropped at a time (a multiple of any page size)
 _MADV_DONTNEED = 4
-_ZEROS = bytes(CHUNK)
+_ZEROS = (ctypes.c_char * CHUNK)()  # compared against, never written
+_ZEROS_ADDRESS = ctypes.addressof(_ZEROS)
 
 Region = tuple[int, int]  # [start, end) addresses
 
@@ -69,22 +73,47 @@ def new_regions(before: list[Region], after: list[Region], at_least: int) -> lis
     ]
 
 
+def _libc() -> ctypes.PyDLL:
+    libc = ctypes.PyDLL(None)  # PyDLL keeps the GIL across each call
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    libc.madvise.restype = ctypes.c_int
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    libc.mincore.restype = ctypes.c_int
+    libc.memcmp.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+    libc.memcmp.restype = ctypes.c_int
+    return libc
+
+
+def resident_chunks(libc: ctypes.PyDLL, first: int, count: int) -> list[int]:
+    """The addresses of the ``CHUNK``s from ``first`` (chunk-aligned) on that have any page
+    resident (``mincore``): the only ones a clear has written, and so worth a look."""
+    page = mmap.PAGESIZE
+    pages = count * CHUNK // page
+    vector = np.zeros(pages, dtype=np.uint8)
+    if libc.mincore(first, count * CHUNK, vector.ctypes.data) != 0:
+        return [first + i * CHUNK for i in range(count)]  # cannot tell: look at them all
+    touched = (vector.reshape(count, CHUNK // page) & 1).any(axis=1)
+    return [first + int(i) * CHUNK for i in np.flatnonzero(touched)]
+
+
 def release_zero_chunks(start: int, end: int, stop: threading.Event | None = None) -> int:
-    """Drop every whole ``CHUNK`` of [start, end) that holds only zeros; the bytes dropped.
-    With ``stop``, the walk ends early once it is set (the sweep while a context is made hands
-    over to the final pass the moment the context exists, so nothing else writes meanwhile)."""
+    """Drop every whole ``CHUNK`` of [start, end) that is resident and holds only zeros; the
+    bytes dropped. With ``stop``, the walk ends early once it is set (the sweep while a
+    context is made hands over to the final pass the moment the context exists)."""
     if not sys.platform.startswith("linux"):
         return 0
-    libc = ctypes.PyDLL(None)  # PyDLL keeps the GIL across the call
-    madvise = libc.madvise
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    madvise.restype = ctypes.c_int
+    libc = _libc()
+    first = -(-start // CHUNK) * CHUNK  # the first chunk boundary at or after start
+    count = max(0, (end - first) // CHUNK)
     released = 0
-    at = -(-start // CHUNK) * CHUNK  # the first chunk boundary at or after start
-    while at + CHUNK <= end and not (stop is not None and stop.is_set()):
-        if ctypes.string_at(at, CHUNK) == _ZEROS and madvise(at, CHUNK, _MADV_DONTNEED) == 0:
+    for at in resident_chunks(libc, first, count):
+        if stop is not None and stop.is_set():
+            break
+        if (
+            libc.memcmp(at, _ZEROS_ADDRESS, CHUNK) == 0
+            and libc.madvise(at, CHUNK, _MADV_DONTNEED) == 0
+        ):
             released += CHUNK
-        at += CHUNK
     return released
 
 
@@ -111,26 +140,33 @@ def release_new_zero_memory(before: list[Region], at_least: int) -> int:
     return released
 
 
+class Sweep:
+    """What a sweep while a context was made gave back."""
+
+    released = 0
+
+
 @contextmanager
 def released_while_made(
     before: list[Region], at_least: int, pause: float = 0.002
-) -> Iterator[None]:
+) -> Iterator[Sweep]:
     """Around the call that makes a llama.cpp context: keep dropping the zero chunks of new
     mappings of at least ``at_least`` bytes (see the module's docstring) until it returns."""
+    sweep = Sweep()
     if not before or not sys.platform.startswith("linux"):
-        yield
+        yield sweep
         return
     made = threading.Event()
 
-    def sweep() -> None:
+    def run() -> None:
         while not made.wait(pause):
             for start, end in new_regions(before, anonymous_regions(), at_least):
-                release_zero_chunks(start, end, stop=made)
+                sweep.released += release_zero_chunks(start, end, stop=made)
 
-    sweeper = threading.Thread(target=sweep, name="kv-zero-pages", daemon=True)
+    sweeper = threading.Thread(target=run, name="kv-zero-pages", daemon=True)
     sweeper.start()
     try:
-        yield
+        yield sweep
     finally:
         made.set()
         sweeper.join()
