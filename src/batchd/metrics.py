@@ -60,6 +60,21 @@ BATCHES_FINALIZED = Counter(
     ["status"],
 )
 
+# ------------------------------------------------------------------- realtime requests
+
+REALTIME_REQUESTS = Counter(
+    "batchd_realtime_requests",
+    "Realtime OpenAI requests (chat, completions, responses, embeddings) by the service tier "
+    "that served them (default, priority, flex) and outcome (answered, flex_timeout, error).",
+    ["tier", "outcome"],
+)
+REALTIME_ANSWER_SECONDS = Histogram(
+    "batchd_realtime_answer_seconds",
+    "Seconds from a realtime request's arrival to its answer (a stream's start), by tier.",
+    ["tier"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
+
 # ----------------------------------------------------------------------------- the engines
 
 PROMPT_TOKENS = Counter(

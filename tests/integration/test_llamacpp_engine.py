@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -309,3 +310,39 @@ def test_the_kv_cache_is_given_back_until_sequences_write_it(harness: EngineHarn
     runner = next(iter(harness.engine.runners.values()))
     whole = zero_pages.kv_cache_bytes(runner.model, 24 * 1024, 2)
     assert runner.kv_bytes_released >= 0.9 * whole
+
+
+COUNTING = "Count from 1 to 50, separated by commas."
+
+
+def test_a_priority_tier_request_is_admitted_ahead_of_waiting_realtime_ones(
+    tmp_path: Path,
+) -> None:
+    # Two sequence slots, both taken by realtime requests, two more waiting: an urgent one
+    # (service_tier "priority") arriving last starts next, before the two that waited longer.
+    h = EngineHarness(tmp_path, max_seqs=2, ctx_size=2 * 1024, realtime_slots=1)
+    try:
+
+        async def scenario() -> list[str]:
+            finished: list[str] = []
+
+            async def run(name: str, request: GenerationRequest) -> None:
+                await h.engine.generate(request)
+                finished.append(name)
+
+            realtime = [
+                asyncio.create_task(
+                    run(f"default-{i}", chat(COUNTING, 32, priority=Priority.REALTIME))
+                )
+                for i in range(4)
+            ]
+            await asyncio.sleep(0.02)  # two are running, two waiting
+            urgent = replace(chat("Say hi.", 2, priority=Priority.REALTIME), urgent=True)
+            await asyncio.gather(*realtime, run("priority", urgent))
+            return finished
+
+        finished = h.run(scenario())
+    finally:
+        h.close()
+    assert finished.index("priority") < finished.index("default-2")
+    assert finished.index("priority") < finished.index("default-3")

@@ -52,3 +52,21 @@ def test_one_tenant_given_two_weights_is_refused(tmp_path: Path) -> None:
         KeysFileError, match=r"keys\.txt:2: tenant team-a was given weight 2 on line 1"
     ):
         parse_keys_file(path)
+
+
+def test_priority_is_allowed_to_flagged_file_tenants_and_to_everyone_else(tmp_path: Path) -> None:
+    ring = KeyRing(
+        ["env-key-0001"],
+        keys_file(
+            tmp_path,
+            "alpha-key-one team-a priority",
+            "alpha-key-two team-a",  # another key of a flagged tenant: the tenant is allowed
+            "beta-key-0001 team-b weight=2",
+            "gamma-key-001 team-c priority weight=4",
+        ),
+    )
+    assert ring.priority_allowed("t_team-a")
+    assert not ring.priority_allowed("t_team-b")
+    assert ring.priority_allowed("t_team-c") and ring.weights()["t_team-c"] == 4.0
+    assert ring.priority_allowed(ring.tenant_for("env-key-0001") or "")
+    assert ring.priority_allowed("public")

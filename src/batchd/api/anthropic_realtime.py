@@ -27,7 +27,9 @@ MAX_MESSAGES_BODY_BYTES = 32 * 1024 * 1024  # Anthropic's Messages API limit
 async def create_message(request: Request, tenant: Tenant, services: ServicesDep) -> Any:
     note_realtime(services)
     body = await read_json(request, MAX_MESSAGES_BODY_BYTES)
-    answer = await answer_realtime_message(services.engine, body)
+    answer = await answer_realtime_message(
+        services.engine, body, services.settings.realtime_max_tokens
+    )
     if isinstance(answer, Rendered):
         return answer.body  # serialized by FastAPI, as every other route's dict
     return StreamingResponse(answer.chunks, media_type="text/event-stream", headers=answer.headers)

@@ -2,9 +2,12 @@
 
 Two sources: ``BATCHD_API_KEYS`` (each key is its own tenant, named by a hash of the key, so
 the key itself is never stored) and a keys file (``--keys-file``), one
-``<key> <tenant-name> [weight=W]`` per line, where several keys may name the same tenant. The
-weight is the tenant's share of batch capacity against other tenants (default 1; see
-store/fair_share.py); lines of one tenant must not give it different weights. The file is
+``<key> <tenant-name> [weight=W] [priority]`` per line, where several keys may name the same
+tenant. The weight is the tenant's share of batch capacity against other tenants (default 1;
+see store/fair_share.py); lines of one tenant must not give it different weights.
+``priority`` lets the tenant use the ``priority`` service tier on realtime requests (see
+inference/service_tiers.py); tenants of ``BATCHD_API_KEYS``, and everyone on a server without
+keys, may use it, as nothing says otherwise for them. The file is
 re-read on SIGHUP; a file that no longer parses keeps the previous keys in force rather than
 locking everyone out.
 
@@ -47,6 +50,7 @@ class _Entry:
     key: bytes
     tenant: str
     weight: float | None = None  # None: the default share
+    priority: bool = False  # may use the priority service tier
 
 
 def _parse_weight(field: str, where: str) -> float:
@@ -73,10 +77,16 @@ def parse_keys_file(path: Path) -> list[_Entry]:
         if not line or line.startswith("#"):
             continue
         parts = line.split()
-        if len(parts) not in (2, 3):
-            raise KeysFileError(f"{path}:{line_no}: expected '<key> <tenant-name> [weight=W]'")
+        options = parts[2:]
+        priority = "priority" in options
+        if priority:
+            options.remove("priority")
+        if len(parts) < 2 or len(options) > 1:
+            raise KeysFileError(
+                f"{path}:{line_no}: expected '<key> <tenant-name> [weight=W] [priority]'"
+            )
         key, name = parts[:2]
-        weight = _parse_weight(parts[2], f"{path}:{line_no}") if len(parts) == 3 else None
+        weight = _parse_weight(options[0], f"{path}:{line_no}") if options else None
         if len(key) < MIN_KEY_LENGTH:
             raise KeysFileError(f"{path}:{line_no}: key shorter than {MIN_KEY_LENGTH} characters")
         if not TENANT_NAME_RE.fullmatch(name):
@@ -94,7 +104,7 @@ def parse_keys_file(path: Path) -> list[_Entry]:
                     f"{path}:{line_no}: tenant {name} was given weight {earlier[0]:g} on line"
                     f" {earlier[1]}"
                 )
-        entries.append(_Entry(raw, named_tenant(name), weight))
+        entries.append(_Entry(raw, named_tenant(name), weight, priority))
     return entries
 
 
@@ -125,6 +135,14 @@ class KeyRing:
             self._entries = entries
         log.info("keys file reloaded: %d keys", len(entries))
         return True
+
+    def priority_allowed(self, tenant: str) -> bool:
+        """Whether ``tenant`` may use the priority service tier: a keys-file tenant only if a
+        line of its says ``priority``; any other tenant, yes."""
+        if not tenant.startswith(named_tenant("")):
+            return True  # an environment key's tenant, or the public one
+        with self._lock:
+            return any(e.priority for e in self._entries if e.tenant == tenant)
 
     def weights(self) -> dict[str, float]:
         """The tenants the keys file gives a weight (the others weigh the default)."""

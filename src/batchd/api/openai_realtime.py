@@ -15,9 +15,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from batchd.api import openapi_schemas
-from batchd.api.auth import Tenant
+from batchd.api.auth import Tenant, authenticate
 from batchd.api.deps import ServicesDep
 from batchd.api.json_body import read_json
+from batchd.api.keyring import KeyRing
 from batchd.inference.dispatch import Relayed, Rendered, Streamed, answer_realtime_openai
 from batchd.protocol.openai import bodies as oa_bodies
 from batchd.protocol.openai import responses as oa_responses
@@ -40,10 +41,20 @@ def _response(answer: Rendered | Relayed | Streamed) -> Any:
 
 
 async def _handle(request: Request, endpoint: str, services: Services) -> Any:
-    """A realtime request: noted first (the loop stops pacing at once), then answered."""
+    """A realtime request: noted first (the loop stops pacing at once), then answered at the
+    service tier it asks for and its tenant may have."""
     note_realtime(services)
     body = await read_json(request, MAX_REALTIME_BODY_BYTES)
-    return _response(await answer_realtime_openai(services.engine, endpoint, body))
+    keyring: KeyRing = request.app.state.keyring
+    answer = await answer_realtime_openai(
+        services.engine,
+        endpoint,
+        body,
+        priority_allowed=keyring.priority_allowed(await authenticate(request)),
+        flex_timeout=services.settings.flex_timeout_seconds,
+        max_output_tokens=services.settings.realtime_max_tokens,
+    )
+    return _response(answer)
 
 
 @router.post("/v1/chat/completions", openapi_extra=openapi_schemas.CHAT_COMPLETION)

@@ -60,6 +60,8 @@ class GenerationRequest:
     # including the marked block. An engine that can tells their lengths in prompt tokens
     # (``GenerationResult.cache_prefix_tokens``).
     cache_prefixes: tuple[tuple[ChatMessage, ...], ...] = ()
+    # A realtime request served ahead of the other realtime ones (service_tier "priority").
+    urgent: bool = False
 
 
 @dataclass(slots=True)

@@ -20,10 +20,13 @@ chat completion.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from batchd import metrics
 from batchd.engines.base import (
     EmbedRequest,
     Engine,
@@ -35,7 +38,7 @@ from batchd.engines.base import (
     Priority,
 )
 from batchd.errors import ContextLengthExceeded, ModelNotFound
-from batchd.inference import sse
+from batchd.inference import realtime_limits, service_tiers, sse
 from batchd.protocol import anthropic as am
 from batchd.protocol.openai import bodies as oa_bodies
 from batchd.protocol.openai import embeddings as oa_embeddings
@@ -119,6 +122,7 @@ class Generate:
         | oa_responses.ResponsesRequest
     )
     request: GenerationRequest
+    service_tier: str = "default"  # the tier that serves it, echoed in the response
 
     @property
     def stream(self) -> bool:
@@ -189,19 +193,24 @@ async def complete_openai(engine: Engine, plan: Forward | Generate | Embed) -> R
         tokens = embedded.prompt_tokens
         return Rendered(body, GenerationResult("", "stop", tokens, completion_tokens=0))
     result = await engine.generate(plan.request)
+    tier = plan.service_tier
     if isinstance(plan.parsed, oa_responses.ResponsesRequest):
-        body = oa_responses.response_body(plan.parsed, plan.request.model, result)
+        body = oa_responses.response_body(plan.parsed, plan.request.model, result, tier)
         return Rendered(body, result)
     # The served model's id, not the alias the body named (plan.request is resolved).
-    return Rendered(oa_results.response_body(plan.endpoint, plan.request.model, result), result)
+    body = oa_results.response_body(plan.endpoint, plan.request.model, result, tier)
+    return Rendered(body, result)
 
 
 async def stream_openai(engine: Engine, plan: Forward | Generate) -> Streamed | Relayed:
     if isinstance(plan, Generate):
         if isinstance(plan.parsed, oa_responses.ResponsesRequest):
-            return await _stream_response(engine, plan.parsed, plan.request)
+            return await _stream_response(engine, plan.parsed, plan.request, plan.service_tier)
         # Answered 200 at once: a late refusal by the engine becomes an error chunk.
-        return Streamed(sse.openai_chunks(engine, plan.endpoint, plan.parsed, plan.request))
+        chunks = sse.openai_chunks(
+            engine, plan.endpoint, plan.parsed, plan.request, plan.service_tier
+        )
+        return Streamed(chunks)
     answer = await plan.upstream.forward_stream(plan.request)
     if answer.status_code != 200:
         # The upstream refused before streaming: its error goes back as a plain JSON answer.
@@ -211,7 +220,10 @@ async def stream_openai(engine: Engine, plan: Forward | Generate) -> Streamed | 
 
 
 async def _stream_response(
-    engine: Engine, parsed: oa_responses.ResponsesRequest, request: GenerationRequest
+    engine: Engine,
+    parsed: oa_responses.ResponsesRequest,
+    request: GenerationRequest,
+    service_tier: str,
 ) -> Streamed:
     stream = engine.stream(request)
     try:
@@ -221,18 +233,64 @@ async def _stream_response(
     except BaseException:
         await sse.aclose(stream)
         raise
-    events = sse.responses_events(parsed, request.model, first, stream)
+    events = sse.responses_events(parsed, request.model, first, stream, service_tier)
     return Streamed(events, dict(_NO_CACHE))
 
 
 async def answer_realtime_openai(
-    engine: Engine, endpoint: str, body: Any
+    engine: Engine,
+    endpoint: str,
+    body: Any,
+    *,
+    priority_allowed: bool = True,
+    flex_timeout: float = 540.0,
+    max_output_tokens: int | None = None,
 ) -> Rendered | Relayed | Streamed:
-    """A realtime request's answer: streamed if the body asks for it."""
+    """A realtime request's answer, streamed if the body asks for it, at the service tier
+    the body asks for and the tenant may have (service_tiers.py)."""
+    realtime_limits.check_realtime_output(body, max_output_tokens)
+    tier: service_tiers.Tier = "default"
+    if endpoint != oa_bodies.EMBEDDINGS_ENDPOINT:  # embeddings have no service tiers
+        tier = service_tiers.served_tier(body, priority_allowed)
     plan = plan_openai(engine, endpoint, body, Priority.REALTIME)
-    if not isinstance(plan, Embed) and plan.stream:
-        return await stream_openai(engine, plan)
-    return await complete_openai(engine, plan)
+    if isinstance(plan, Generate):
+        request = service_tiers.apply_tier(plan.request, tier, flex_timeout)
+        plan = replace(plan, request=request, service_tier=tier)
+    elif isinstance(plan, Forward):
+        plan = replace(plan, request=service_tiers.apply_tier(plan.request, tier, flex_timeout))
+    started = time.monotonic()
+    outcome = "error"
+    try:
+        if tier != "flex":
+            answer = await _answer(engine, plan)
+        else:
+            try:
+                # A flex request waits for batch capacity at most this long.
+                async with asyncio.timeout(flex_timeout):
+                    answer = await _answer(engine, plan, until_first_piece=True)
+            except TimeoutError:
+                outcome = "flex_timeout"
+                raise service_tiers.flex_timed_out(flex_timeout) from None
+        outcome = "answered"
+        metrics.REALTIME_ANSWER_SECONDS.labels(tier=tier).observe(time.monotonic() - started)
+        return answer
+    finally:
+        metrics.REALTIME_REQUESTS.labels(tier=tier, outcome=outcome).inc()
+
+
+async def _answer(
+    engine: Engine, plan: Forward | Generate | Embed, until_first_piece: bool = False
+) -> Rendered | Relayed | Streamed:
+    if isinstance(plan, Embed) or not plan.stream:
+        return await complete_openai(engine, plan)
+    answer = await stream_openai(engine, plan)
+    if until_first_piece and isinstance(answer, Streamed):
+        # Hold the answer until the engine's first piece, so a flex stream that waits past
+        # its timeout is still refused with a status, not cut off inside a 200. A chat
+        # stream of ours opens with a role chunk sent before the engine has started.
+        opening = 1 if isinstance(plan, Generate) and plan.endpoint == sse.CHAT_ENDPOINT else 0
+        answer = await _chunks_in_hand(answer, opening + 1)
+    return answer
 
 
 # ----------------------------------------------------------------- Anthropic
@@ -279,9 +337,37 @@ async def stream_message(engine: Engine, plan: MessagePlan) -> Streamed:
     return Streamed(events, dict(_NO_CACHE))
 
 
-async def answer_realtime_message(engine: Engine, body: Any) -> Rendered | Streamed:
+async def answer_realtime_message(
+    engine: Engine, body: Any, max_output_tokens: int | None = None
+) -> Rendered | Streamed:
     """A realtime message's answer: streamed if the body asks for it."""
+    realtime_limits.check_realtime_output(body, max_output_tokens)
     plan = plan_message(engine, body, Priority.REALTIME)
     if plan.params.stream:
         return await stream_message(engine, plan)
     return await complete_message(engine, plan)
+
+
+async def _chunks_in_hand(answer: Streamed, count: int) -> Streamed:
+    """``answer`` once its first ``count`` chunks have come; they are sent first."""
+    held: list[bytes] = []
+    chunks = answer.chunks
+    try:
+        async for chunk in chunks:
+            held.append(chunk)
+            if len(held) >= count:
+                break
+    except BaseException:
+        await sse.aclose(chunks)
+        raise
+
+    async def replay() -> AsyncIterator[bytes]:
+        try:
+            for chunk in held:
+                yield chunk
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            await sse.aclose(chunks)
+
+    return Streamed(replay(), answer.headers)

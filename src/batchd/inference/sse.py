@@ -31,7 +31,7 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def aclose(stream: AsyncIterator[StreamDelta]) -> None:
+async def aclose(stream: AsyncIterator[Any]) -> None:
     """Close an engine's stream early, so the engine drops the sequence (see engines.base)."""
     close = getattr(stream, "aclose", None)
     if close is not None:
@@ -43,6 +43,7 @@ async def openai_chunks(
     endpoint: str,
     parsed: oa_bodies.ChatCompletionRequest | oa_bodies.CompletionRequest,
     generation: GenerationRequest,
+    service_tier: str = "default",
 ) -> AsyncIterator[bytes]:
     """A chat.completion.chunk (or text_completion) stream, ending with ``[DONE]``."""
     chat = endpoint == CHAT_ENDPOINT
@@ -56,6 +57,8 @@ async def openai_chunks(
         "model": generation.model,  # the served id the body's model (or alias) resolved to
         "system_fingerprint": oa_bodies.SYSTEM_FINGERPRINT,
     }
+    if chat:
+        base["service_tier"] = service_tier
 
     def chunk(delta_text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
         if chat:
@@ -172,6 +175,7 @@ async def responses_events(
     model: str,
     first: StreamDelta,
     rest: AsyncIterator[StreamDelta],
+    service_tier: str = "default",
 ) -> AsyncIterator[bytes]:
     """A Responses API event stream (``response.created`` ... ``response.completed`` or
     ``response.incomplete``) from the engine's first piece (already received) and the rest;
@@ -187,7 +191,9 @@ async def responses_events(
         return _event(payload["type"], payload)
 
     def response(**kwargs: Any) -> dict[str, Any]:
-        return oa_responses.response_object(parsed, model, response_id, created_at, **kwargs)
+        return oa_responses.response_object(
+            parsed, model, response_id, created_at, service_tier=service_tier, **kwargs
+        )
 
     where = {"item_id": item_id, "output_index": 0, "content_index": 0}
     yield event({"type": "response.created", "response": response()})

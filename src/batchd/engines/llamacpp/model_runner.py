@@ -82,14 +82,22 @@ class ModelRunner:
         value_bytes = 34 / 32 if options.kv_type == "q8_0" else 2
         kv_bytes = zero_pages.kv_cache_bytes(self.model, options.ctx_size, value_bytes)
         before = zero_pages.anonymous_regions()
-        with zero_pages.released_while_made(before, kv_bytes // 2):
+        with zero_pages.released_while_made(before, kv_bytes // 2) as sweep:
             self.ctx = llama_cpp.llama_init_from_model(self.model, params)
         if not self.ctx:
             raise EngineError(f"could not create a llama.cpp context for {path}")
-        self.kv_bytes_released = zero_pages.release_new_zero_memory(before, kv_bytes // 2)
+        self.kv_bytes_released = sweep.released + zero_pages.release_new_zero_memory(
+            before, kv_bytes // 2
+        )
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.batch = llama_cpp.llama_batch_init(options.n_batch, 0, 1)
-        self.slots = SlotTable(self.ctx, self.memory, options.max_seqs, cache=options.prefix_cache)
+        self.slots = SlotTable(
+            self.ctx,
+            self.memory,
+            options.max_seqs,
+            cache=options.prefix_cache,
+            cache_cells=options.prefix_cache_cells,
+        )
 
         self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.waiting_realtime: deque[SequenceState] = deque()
@@ -227,8 +235,16 @@ class ModelRunner:
             if job.request.priority == Priority.REALTIME:
                 self.last_realtime = time.monotonic()
             seq = self._prepare(job)
-            if seq is not None:
-                (self.waiting_realtime if seq.realtime else self.waiting_batch).append(seq)
+            if seq is None:
+                continue
+            if not seq.realtime:
+                self.waiting_batch.append(seq)
+            elif job.request.urgent:
+                # Priority-tier requests wait at the head, after earlier ones of their tier.
+                ahead = sum(1 for s in self.waiting_realtime if s.job.request.urgent)
+                self.waiting_realtime.insert(ahead, seq)
+            else:
+                self.waiting_realtime.append(seq)
 
     def _step(self) -> None:
         options = self.options

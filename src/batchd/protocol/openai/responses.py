@@ -211,6 +211,7 @@ def response_object(
     status: str = "in_progress",
     output: list[dict[str, Any]] | None = None,
     result: GenerationResult | None = None,
+    service_tier: str = "default",
 ) -> dict[str, Any]:
     """A ``response`` object for ``model`` (the served model's id); with ``result``, the
     finished one (its status from the result)."""
@@ -234,7 +235,7 @@ def response_object(
         "parallel_tool_calls": True,
         "previous_response_id": None,
         "reasoning": {"effort": None, "summary": None},
-        "service_tier": "default",
+        "service_tier": service_tier,
         "store": False,
         "temperature": 1.0 if parsed.temperature is None else parsed.temperature,
         "text": {"format": {"type": "text"}},
@@ -249,11 +250,19 @@ def response_object(
     }
 
 
-def response_body(parsed: ResponsesRequest, model: str, result: GenerationResult) -> dict[str, Any]:
+def response_body(
+    parsed: ResponsesRequest, model: str, result: GenerationResult, service_tier: str = "default"
+) -> dict[str, Any]:
     """The whole ``response`` for a finished generation (realtime or a batch line's body);
     ``model``: the served model's id, as chat completions report it."""
     status, _ = _status(result)
     message = output_message(ids.response_item_id(), status, result.text)
     return response_object(
-        parsed, model, ids.response_id(), int(time.time()), output=[message], result=result
+        parsed,
+        model,
+        ids.response_id(),
+        int(time.time()),
+        output=[message],
+        result=result,
+        service_tier=service_tier,
     )

@@ -26,7 +26,9 @@ def usage_dict(result: GenerationResult) -> dict[str, Any]:
     }
 
 
-def chat_completion_body(model: str, result: GenerationResult) -> dict[str, Any]:
+def chat_completion_body(
+    model: str, result: GenerationResult, service_tier: str = "default"
+) -> dict[str, Any]:
     return {
         "id": ids.chat_completion_id(),
         "object": "chat.completion",
@@ -46,7 +48,7 @@ def chat_completion_body(model: str, result: GenerationResult) -> dict[str, Any]
             }
         ],
         "usage": usage_dict(result),
-        "service_tier": "default",
+        "service_tier": service_tier,
         "system_fingerprint": SYSTEM_FINGERPRINT,
     }
 
@@ -70,9 +72,11 @@ def completion_body(model: str, result: GenerationResult) -> dict[str, Any]:
     }
 
 
-def response_body(endpoint: str, model: str, result: GenerationResult) -> dict[str, Any]:
+def response_body(
+    endpoint: str, model: str, result: GenerationResult, service_tier: str = "default"
+) -> dict[str, Any]:
     if endpoint == "/v1/chat/completions":
-        return chat_completion_body(model, result)
+        return chat_completion_body(model, result, service_tier)
     return completion_body(model, result)
 
 
