@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _harness import machine, small_chat_workload
+from _harness import chat_body, machine, small_chat_workload
 from batchd.config import Settings
 from batchd.engines.base import ChatMessage, GenerationRequest, SamplingParams
 from batchd.engines.llamacpp.engine import LlamaCppEngine
@@ -54,7 +54,9 @@ async def _run(
         await engine.start()
         try:
             requests = _requests(bodies)
-            await engine.generate(requests[0])  # warm-up
+            # Warm up on a prompt of its own: the workload's own would then sit whole in the
+            # prefix cache.
+            await engine.generate(_requests([chat_body("Warm up.", 2)])[0])
             start = time.perf_counter()
             if concurrent:
                 results = await asyncio.gather(*(engine.generate(r) for r in requests))

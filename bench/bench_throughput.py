@@ -97,10 +97,16 @@ def tok_per_s(tokens: int, seconds: float) -> float:
 def part_batch_vs_sequential(n: int, max_tokens: int, report: list[str]) -> dict[str, Any]:
     bodies = small_chat_workload(n, max_tokens)
     seq_usage: dict[str, int] = {}
+    warm_up = [chat_body("Warm up.", 2)]
+    # Each arm on a server of its own: run after the sequential arm, the batch would find
+    # every one of its prompts in the prefix cache.
     with server() as srv:
         client = srv.client()
-        run_sequential(client, bodies[:2])  # warm-up
+        run_sequential(client, warm_up)
         seq_s, seq_tokens = run_sequential(client, bodies, seq_usage)
+    with server() as srv:
+        client = srv.client()
+        run_sequential(client, warm_up)
         batch = run_batch(client, bodies)
     seq_rate = tok_per_s(seq_tokens, seq_s)
     batch_rate = tok_per_s(batch["completion_tokens"], batch["seconds"])
@@ -148,6 +154,38 @@ def _cpp_batch_ceiling(n: int, prompt: int, generated: int) -> list[str]:
     ]
 
 
+def _cpp_cache_ceiling(n: int, prefix: int, suffix: int) -> list[str]:
+    """What the cache can save on part 7's second batch, at llama.cpp's own C++ speed.
+
+    With the cache off, sharing within the batch still computes the system prompt once, so
+    the cache saves exactly that one prefill. llama-batched-bench ``-pps`` gives its time (the
+    shared prompt computed once) and the rest (n sequences decoding 8 tokens over it); each
+    sequence's own suffix is charged at the prefill rate of the prompt, which is optimistic
+    (its attention spans the whole prefix too). So (prefix + rest) / rest is an upper bound
+    on the off/on ratio for this shape."""
+    from batchd.config import Settings
+    from batchd.engines.llamacpp.model_files import bundled_gguf, requantized_q8_0
+    from peer_llama_server import CACHE, batched_bench, find_or_build
+
+    binary = find_or_build("llama-batched-bench")
+    if binary is None:
+        return ["   C++ ceiling: SKIPPED (llama-batched-bench could not be built here)"]
+    threads = Settings().n_threads
+    model = requantized_q8_0(bundled_gguf(), CACHE / "models", threads)
+    row = batched_bench(
+        binary, model, threads=threads, prompt=prefix, generated=8, sequences=n,
+        shared_prompt=True,
+    )  # fmt: skip
+    if row is None:
+        return ["   C++ ceiling: SKIPPED (llama-batched-bench printed no result)"]
+    rest = row["t_tg"] + n * suffix / row["s_pp"]
+    return [
+        f"   llama-batched-bench -pps, {prefix}-token shared prompt, {n} x ({suffix} own + 8"
+        f" generated): prompt {row['t_pp']:.2f} s, the rest at least {rest:.2f} s",
+        f"   the C++ ceiling of off/on on this shape: at most {(row['t_pp'] + rest) / rest:.2f}x",
+    ]
+
+
 def part_service_vs_raw(n: int, max_tokens: int, report: list[str]) -> None:
     from batchd.config import Settings
     from batchd.engines.llamacpp.model_files import bundled_gguf, requantized_q8_0
@@ -156,6 +194,7 @@ def part_service_vs_raw(n: int, max_tokens: int, report: list[str]) -> None:
 
     bodies = small_chat_workload(n, max_tokens)
     with server() as srv:
+        run_sequential(srv.client(), [chat_body("Warm up.", 2)])  # as the raw loop warms up
         batch = run_batch(srv.client(), bodies)
     service_rate = tok_per_s(batch["completion_tokens"], batch["seconds"])
     raw_seconds, raw_tokens = run_raw(bodies)
@@ -220,15 +259,21 @@ def part_shared_prefix(n: int, max_tokens: int, report: list[str]) -> None:
         chat_body(QUESTIONS[i % len(QUESTIONS)] + f" (ticket {i})", max_tokens, SYSTEM_PROMPT)
         for i in range(n)
     ]
+    # The sequential arm's own tickets: the same system prompt, but not prompts the batch
+    # left whole in the prefix cache.
+    one_by_one = [
+        chat_body(QUESTIONS[i % len(QUESTIONS)] + f" (ticket {n + i})", max_tokens, SYSTEM_PROMPT)
+        for i in range(max(4, n // 4))
+    ]
     with server(BATCHD_PREFIX_SHARING="true") as srv:
         client = srv.client()
         shared = run_batch(client, bodies)
-        seq_s, seq_tokens = run_sequential(client, bodies[: max(4, n // 4)])
+        seq_s, seq_tokens = run_sequential(client, one_by_one)
     with server(BATCHD_PREFIX_SHARING="false") as srv:
         client = srv.client()
         unshared = run_batch(client, bodies)
         # Without sharing there is no prefix cache either: each request computes it all.
-        cold_s, cold_tokens = run_sequential(client, bodies[: max(4, n // 4)])
+        cold_s, cold_tokens = run_sequential(client, one_by_one)
     seq_rate = tok_per_s(seq_tokens, seq_s)
     cold_rate = tok_per_s(cold_tokens, cold_s)
     on_rate = tok_per_s(shared["completion_tokens"], shared["seconds"])
@@ -467,6 +512,7 @@ def part_prefix_cache(n: int, report: list[str]) -> None:
         f" {off['batch']:.2f} s (cached_tokens {off['cached']:.0f})",
         f"   ratio off/on: {off['batch'] / on['batch']:.2f}x (target >= 2x)",
     ]
+    lines += _cpp_cache_ceiling(n, round(on["cached"] / n), round((on["prompt"] - on["cached"]) / n))
     report.extend(lines)
     print("\n".join(lines), flush=True)
 

@@ -86,15 +86,23 @@ def find_or_build(tool: str = "llama-server") -> Path | None:
 
 
 def batched_bench(
-    binary: Path, model: Path, *, threads: int, prompt: int, generated: int, sequences: int
+    binary: Path,
+    model: Path,
+    *,
+    threads: int,
+    prompt: int,
+    generated: int,
+    sequences: int,
+    shared_prompt: bool = False,
 ) -> dict[str, float] | None:
     """llama.cpp's own batched decode of ``sequences`` x (``prompt`` + ``generated``) tokens
-    (one KV stream per sequence, as batchd runs): the row of its table, or None."""
+    (one KV stream per sequence, as batchd runs): the row of its table, or None. With
+    ``shared_prompt`` (``-pps``) the prompt is computed once and copied to every sequence."""
     ctx = sequences * (prompt + generated) + 256
     done = subprocess.run(
         [str(binary), "-m", str(model), "-c", str(ctx), "-b", "512", "-ub", "512",
          "-npp", str(prompt), "-ntg", str(generated), "-npl", str(sequences),
-         "-t", str(threads), "-tb", str(threads)],
+         "-t", str(threads), "-tb", str(threads), *(["-pps"] if shared_prompt else [])],
         capture_output=True, text=True,
     )  # fmt: skip
     for line in done.stdout.splitlines():
