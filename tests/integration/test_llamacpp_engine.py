@@ -237,11 +237,21 @@ def test_a_finished_requests_kv_serves_later_prompts_that_start_the_same_way(
     tmp_path: Path,
 ) -> None:
     """The prefix cache: one request after another (none running beside it to share with),
-    the later one starts from the earlier one's KV, and answers exactly as without it."""
+    the later one starts from the earlier one's KV, and answers exactly as without it.
+    Realtime requests, as conversations are: a realtime turn stays whole in the cache for
+    its follow-up (a batch line's question and answer are dropped once another line
+    adopts its system prompt: no line continues another's)."""
+    realtime = Priority.REALTIME
 
     def conversation(h: EngineHarness) -> list[Any]:
-        first = h.run(h.engine.generate(chat("When do you open on Saturday?", 8, system=SYSTEM)))
-        second = h.run(h.engine.generate(chat("What is the late fee?", 8, system=SYSTEM)))
+        first = h.run(
+            h.engine.generate(
+                chat("When do you open on Saturday?", 8, system=SYSTEM, priority=realtime)
+            )
+        )
+        second = h.run(
+            h.engine.generate(chat("What is the late fee?", 8, system=SYSTEM, priority=realtime))
+        )
         # The next turn of the first conversation: its prompt holds the first reply.
         follow_up = GenerationRequest(
             model="default",
@@ -252,6 +262,7 @@ def test_a_finished_requests_kv_serves_later_prompts_that_start_the_same_way(
                 ChatMessage("assistant", first.text),
                 ChatMessage("user", "And on Sunday?"),
             ),
+            priority=realtime,
         )
         third = h.run(h.engine.generate(follow_up))
         return [first, second, third]

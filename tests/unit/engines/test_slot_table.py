@@ -133,3 +133,30 @@ def test_kv_moves_into_a_slot_that_held_kv_before_rather_than_a_fresh_one(
     kv.calls.clear()
     slots.release(slots.take(), [*PREFIX, 2])  # no used slot above is empty: the highest
     assert kv.calls[0] == ("cp", 0, 7)
+
+
+def test_a_batch_sequence_s_kv_stays_in_place_and_the_next_batch_sequence_adopts_it(
+    kv: KVCalls,
+) -> None:
+    slots = SlotTable(ctx=None, memory=None, max_seqs=8, cache=True)
+    lines = [slots.take() for _ in range(3)]
+    for tail, slot in zip((1, 2, 3), lines, strict=True):
+        slots.release(slot, [*PREFIX, tail], loose=True)
+    assert kv.calls == [] and list(slots.cached) == [0, 1, 2]  # nothing copied
+    source, length = slots.longest_cached([*PREFIX, 9, 9])
+    slot = slots.take_cached(source, length)
+    assert slot == source == 0  # adopted: the tail dropped, no copy
+    assert kv.calls == [("rm", 0, len(PREFIX))] and list(slots.cached) == [1, 2]
+    kv.calls.clear()
+    assert slots.take() == 1  # sharing nothing: the lowest loose slot, not a hole above it
+    assert kv.calls == [("rm", 1, -1)] and list(slots.cached) == [2]
+
+
+def test_a_loose_entry_above_an_empty_slot_is_copied_down_and_kept(kv: KVCalls) -> None:
+    slots = SlotTable(ctx=None, memory=None, max_seqs=8, cache=True)
+    a, b = slots.take(), slots.take()
+    slots.release(b, [*PREFIX, 1], loose=True)  # kept in slot 1
+    slots.release(a)  # slot 0 empty, below it
+    slot = slots.take_cached(1, len(PREFIX))
+    assert slot == 0 and kv.calls[-2:] == [("cp", 1, 0), ("rm", 0, len(PREFIX))]
+    assert list(slots.cached) == [1]

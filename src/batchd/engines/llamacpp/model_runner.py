@@ -403,7 +403,7 @@ class ModelRunner:
             self.active.remove(seq)
             if keep_kv and seq.donor is None:
                 held = (seq.prompt + seq.generated)[: seq.n_past]
-                self.slots.release(seq.slot, held)
+                self.slots.release(seq.slot, held, loose=not seq.realtime)
             else:
                 self.slots.release(seq.slot)
         if seq.sampler is not None:

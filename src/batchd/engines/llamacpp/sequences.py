@@ -75,6 +75,13 @@ class SlotTable:
     KV moved up goes, where it can, to a slot that held KV before: its pages are resident,
     while every page of a slot never written must be faulted in (measured on this 2-core VM:
     a first copy into a fresh stream took 5-35 ms, a copy into a used one 1-2 ms).
+
+    A finished *batch* sequence's KV is kept where it is, as a loose entry: batch lines share
+    a system prompt but nobody continues one line's question and answer, so the next batch
+    sequence starting with that prefix adopts the slot outright (no copy, the tail dropped),
+    and one sharing nothing with it may take the slot rather than open a hole above it. A
+    finished realtime sequence's KV is moved up and copied from when adopted, so a
+    conversation's earlier turn stays whole for the follow-up that continues it.
     """
 
     def __init__(
@@ -93,6 +100,7 @@ class SlotTable:
         self.cache_cells = cache_cells if cache_cells is not None else 1 << 62
         # Free slots whose KV is kept: slot -> the tokens its cells hold, least recent first.
         self.cached: OrderedDict[int, list[int]] = OrderedDict()
+        self.loose: set[int] = set()  # cached slots a newcomer may adopt whole (batch work's)
         self.warm: set[int] = set()  # slots that have held KV (their pages are resident)
 
     def copy(self, source: int, target: int) -> None:
@@ -115,7 +123,11 @@ class SlotTable:
 
     def take(self) -> int:
         empty = self._empty()
-        if empty:
+        loose = [s for s in self.loose if not empty or s < min(empty)]
+        if loose:
+            slot = min(loose)  # rather than open a hole above it, which compaction would fill
+            self.evict(slot)
+        elif empty:
             slot = min(empty)  # keep active slots low and contiguous
         else:
             slot = next(iter(self.cached))  # the least recently used cached prefix goes
@@ -126,10 +138,12 @@ class SlotTable:
     def evict(self, slot: int) -> None:
         llama_cpp.llama_memory_seq_rm(self.memory, slot, -1, -1)
         del self.cached[slot]
+        self.loose.discard(slot)
 
-    def release(self, slot: int, tokens: list[int] | None = None) -> None:
+    def release(self, slot: int, tokens: list[int] | None = None, loose: bool = False) -> None:
         """Give ``slot`` back; with ``tokens`` (what its cells hold) and the cache on, its KV
-        is kept, moved up to the highest empty slot when there is one above it."""
+        is kept: ``loose`` (a batch sequence's) where it is, else moved up to the highest
+        empty slot when there is one above it."""
         self.free.append(slot)
         self.warm.add(slot)
         if (
@@ -145,6 +159,10 @@ class SlotTable:
             oldest = next(iter(self.cached))
             held -= len(self.cached[oldest])
             self.evict(oldest)
+        if loose:
+            self.cached[slot] = tokens
+            self.loose.add(slot)
+            return
         higher = [s for s in self._empty() if s > slot]
         if higher:
             warm = [s for s in higher if s in self.warm]
@@ -167,10 +185,11 @@ class SlotTable:
 
     def take_cached(self, source: int, length: int) -> int:
         """A slot for a new sequence holding the first ``length`` tokens of the cached
-        ``source``'s KV: a copy into an empty slot, so the cache keeps the prefix for later
-        prompts, or ``source`` itself if no slot is empty."""
+        ``source``'s KV: ``source`` itself when it is loose and no empty slot lies below it,
+        or when no slot is empty; otherwise a copy into the lowest empty slot, so the cache
+        keeps the entry for later prompts."""
         empty = self._empty()
-        if empty:
+        if empty and not (source in self.loose and min(empty) > source):
             slot = min(empty)
             self.free.remove(slot)
             self.copy(source, slot)
@@ -178,6 +197,7 @@ class SlotTable:
         else:
             slot = source
             del self.cached[slot]
+            self.loose.discard(slot)
             self.free.remove(slot)
         llama_cpp.llama_memory_seq_rm(self.memory, slot, length, -1)
         return slot
