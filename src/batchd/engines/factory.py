@@ -84,7 +84,11 @@ def build_from_registry(reg: registry.Registry, settings: Settings) -> Engine:
             prefix_cache=(
                 settings.prefix_cache if options.prefix_cache is None else options.prefix_cache
             ),
-            prefix_cache_cells=options.prefix_cache_cells or settings.prefix_cache_cells,
+            prefix_cache_cells=(
+                settings.prefix_cache_cells
+                if options.prefix_cache_cells is None
+                else options.prefix_cache_cells
+            ),
             kv_type=options.kv_type or settings.kv_type,
         )
         engines.append(engine)
