@@ -10,7 +10,9 @@ import fcntl
 import ipaddress
 import logging
 import os
+import secrets
 import signal
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import IO, Literal
@@ -24,6 +26,7 @@ from batchd.blobs.base import BlobStore
 from batchd.blobs.local import DirectoryBlobStore
 from batchd.config import Settings
 from batchd.engines.factory import build_engine
+from batchd.engines.openai_http.shared_limits import SharedLimits
 from batchd.errors import DataDirLocked, InsecureBind, NeedsSharedDatabase
 from batchd.loop_pacing import LoopPacer
 from batchd.scheduler.runner import Scheduler
@@ -115,6 +118,20 @@ class Running:
     scheduling: asyncio.Task[None] | None
 
 
+async def _share_upstream_limits(services: Services, stack: contextlib.AsyncExitStack) -> None:
+    """On a shared database, upstream limits hold for the whole deployment: every process
+    takes its slots and rates from the database too (engines/openai_http/shared_limits.py).
+    Alone on SQLite, this process's own limits are the deployment's."""
+    share = getattr(services.engine, "share_limits", None)
+    if share is None or services.store.engine.dialect.name == "sqlite":
+        return
+    holder = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
+    shared = SharedLimits(services.store, holder)
+    share(shared)
+    await shared.start()
+    stack.push_async_callback(shared.close)
+
+
 @contextlib.asynccontextmanager
 async def running(services: Services, role: Role, *, drain: bool = False) -> AsyncIterator[Running]:
     """Start what a process of ``role`` runs beside (or instead of) its HTTP API, and stop it
@@ -131,6 +148,7 @@ async def running(services: Services, role: Role, *, drain: bool = False) -> Asy
         prometheus_client.start_http_server(settings.metrics_port, addr=settings.metrics_host)
         log.info("metrics on http://%s:%s/metrics", settings.metrics_host, settings.metrics_port)
     async with contextlib.AsyncExitStack() as stack:  # stops in the reverse order of starts
+        await _share_upstream_limits(services, stack)
         await services.engine.start()
         stack.push_async_callback(services.engine.close)
         scheduling: asyncio.Task[None] | None = None

@@ -16,6 +16,7 @@ from batchd.engines.base import (
     PassthroughEngine,
     StreamDelta,
 )
+from batchd.engines.openai_http.shared_limits import SharedLimits
 from batchd.errors import ModelNotFound
 
 
@@ -65,6 +66,13 @@ class RouterEngine:
     def passthrough(self, model: str) -> PassthroughEngine | None:
         engine = self._by_name.get(model)
         return engine.passthrough(model) if engine is not None else None
+
+    def share_limits(self, shared: SharedLimits) -> None:
+        """Hand the deployment's upstream budget to every engine that has upstream limits."""
+        for engine in self.engines:
+            share = getattr(engine, "share_limits", None)
+            if share is not None:
+                share(shared)
 
     async def start(self) -> None:
         for engine in self.engines:

@@ -145,3 +145,23 @@ tenant_usage = Table(
     Column("tokens", BigInteger, nullable=False),
     Column("rows", Integer, nullable=False),
 )
+
+# Upstream limits for the whole deployment (upstream_budget.py): an upstream's concurrency
+# slots, each leased to the process attempting a request through it, and its rate buckets.
+# ``key`` names the model, its URL and the limit. Times are epoch seconds.
+upstream_slots = Table(
+    "upstream_slots",
+    metadata,
+    Column("key", String(300), primary_key=True),
+    Column("slot", Integer, primary_key=True),
+    Column("holder", String(64), nullable=True),
+    Column("expires_at", Float, nullable=True),
+)
+
+upstream_rates = Table(
+    "upstream_rates",
+    metadata,
+    Column("key", String(300), primary_key=True),
+    Column("level", Float, nullable=False),
+    Column("updated_at", Float, nullable=False),
+)

@@ -10,6 +10,7 @@ Each group of methods lives in a module of its own, as a mixin over the same eng
 - retention.py: expired files, archiving, orphan rows, old idempotency keys
 - idempotency.py: looking up a create's key (recording it is part of each create)
 - tenants.py: tenants' weights and recent usage, which leasing shares the engine by
+- upstream_budget.py: upstream concurrency slots and rate buckets for the whole deployment
 
 The store depends on nothing of batchd's but the clock, the errors, the failpoints and its
 own modules, so the layers above it (protocol, scheduler, service, api) can all use it.
@@ -28,6 +29,7 @@ from batchd.store.queue import QueueMixin
 from batchd.store.retention import RetentionMixin
 from batchd.store.stats import BatchStats, StatsMixin
 from batchd.store.tenants import TenantsMixin
+from batchd.store.upstream_budget import UpstreamBudgetMixin
 
 
 class Store(
@@ -39,6 +41,7 @@ class Store(
     RetentionMixin,
     IdempotencyMixin,
     TenantsMixin,
+    UpstreamBudgetMixin,
 ):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine

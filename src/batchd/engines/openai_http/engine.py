@@ -41,6 +41,7 @@ from batchd.engines.openai_http.bodies import (
     token_estimate,
 )
 from batchd.engines.openai_http.retry import DEFAULT_RETRY_POLICY, RetryLoop, RetryPolicy
+from batchd.engines.openai_http.shared_limits import SharedLimits
 from batchd.engines.openai_http.sse import StreamUsage, sse_events
 from batchd.engines.openai_http.timing import SYSTEM_CLOCK, Clock
 from batchd.engines.openai_http.upstream import Pool, Upstream, classify
@@ -120,6 +121,11 @@ class OpenAIHttpEngine:
 
     def passthrough(self, model: str) -> PassthroughEngine | None:
         return self if model == self.model_id else None
+
+    def share_limits(self, shared: SharedLimits) -> None:
+        """Hold every URL's limits for the whole deployment (shared_limits.py)."""
+        for upstream in self.pool.urls:
+            upstream.share(shared, f"{self.model_id}|{upstream.base_url}")
 
     async def start(self) -> None:
         connections = self.config.max_concurrency * len(self.pool.urls) + 4

@@ -36,6 +36,7 @@ import time
 import httpx
 from aiolimiter import AsyncLimiter
 
+from batchd.engines.openai_http.shared_limits import SharedLimits
 from batchd.engines.openai_http.timing import SYSTEM_CLOCK, Clock
 
 CIRCUIT_THRESHOLD = 3  # consecutive retryable failures before a URL is blocked
@@ -169,9 +170,20 @@ class Upstream:
         self.tokens: TokenBucket | None = None
         if tokens_per_minute is not None:
             self.tokens = TokenBucket(tokens_per_minute, 60)
+        self.requests_per_minute = requests_per_minute
+        self.tokens_per_minute = tokens_per_minute
         self.outstanding = 0  # attempts holding a slot here (waiting for its rates, or sent)
         self.failures = 0  # consecutive retryable failures
         self.blocked_until = 0.0  # clock.monotonic(); not sent to before then
+        # The deployment's budget (shared_limits.py), when processes share a database: the
+        # keys of this URL's rows there, and the shared slots this process holds now.
+        self.shared: SharedLimits | None = None
+        self.shared_key = ""
+        self.shared_slots: list[int] = []
+
+    def share(self, shared: SharedLimits, key: str) -> None:
+        """Hold this URL's limits for the whole deployment through ``shared`` too."""
+        self.shared, self.shared_key = shared, key
 
     # ------------------------------------------------------------ health
 
@@ -207,11 +219,25 @@ class Upstream:
         self.outstanding -= 1
 
     async def within_rates(self, estimated_tokens: int) -> None:
-        """Wait until the request and token rates allow one more request."""
+        """Wait until the request and token rates allow one more request (this process's,
+        then the deployment's)."""
         if self.requests is not None:
             await self.requests.acquire()
         if self.tokens is not None:
             await self.tokens.acquire(min(float(estimated_tokens), self.tokens.max_rate))
+        if self.shared is not None:
+            if self.requests_per_minute is not None:
+                per_second = self.requests_per_minute / 60
+                await self.shared.take_rate(
+                    self.shared_key + "|rpm", 1, max(1.0, per_second), per_second
+                )
+            if self.tokens_per_minute is not None:
+                await self.shared.take_rate(
+                    self.shared_key + "|tpm",
+                    float(estimated_tokens),
+                    float(self.tokens_per_minute),
+                    self.tokens_per_minute / 60,
+                )
 
     def settle_tokens(self, estimated: int, actual: int) -> None:
         """Correct the token budget with the usage the upstream reported."""
@@ -219,6 +245,10 @@ class Upstream:
             return
         charged = min(float(estimated), self.tokens.max_rate)
         difference = actual - charged
+        if self.shared is not None and self.tokens_per_minute is not None and difference:
+            self.shared.adjust_rate(
+                self.shared_key + "|tpm", -difference, float(self.tokens_per_minute)
+            )
         if difference < 0:
             self.tokens.refund(-difference)
         elif difference > 0:
@@ -251,10 +281,24 @@ class Pool:
             raise Retryable("every upstream URL with a free slot is blocked", sent=False)
         upstream = min(free, key=lambda u: u.outstanding)
         upstream.take_slot()
+        if upstream.shared is not None:
+            try:
+                slot = await upstream.shared.acquire_slot(
+                    upstream.shared_key + "|slots", upstream.max_concurrency
+                )
+            except BaseException:
+                upstream.release_slot()
+                self.slots.release()
+                raise
+            upstream.shared_slots.append(slot)
         return upstream
 
     def release(self, upstream: Upstream) -> None:
         upstream.release_slot()
+        if upstream.shared is not None and upstream.shared_slots:
+            upstream.shared.release_slot(
+                upstream.shared_key + "|slots", upstream.shared_slots.pop()
+            )
         self.slots.release()
 
 
