@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import openai
+
 from _harness import append_record, machine, server, small_chat_workload
 
 MAX_TOKENS = 16
@@ -70,9 +71,7 @@ def run_scenario(number: int, window: float, report: list[str]) -> None:
         keys = Path(tmp) / "keys.txt"
         for tenant in tenants:
             tenant.key = f"bench-key-{tenant.name}-0001"
-        keys.write_text(
-            "".join(f"{t.key} team-{t.name} weight={t.weight:g}\n" for t in tenants)
-        )
+        keys.write_text("".join(f"{t.key} team-{t.name} weight={t.weight:g}\n" for t in tenants))
         with server(BATCHD_KEYS_FILE=str(keys)) as srv:
             clients = {
                 t.name: openai.OpenAI(base_url=srv.url + "/v1", api_key=t.key, max_retries=0)
@@ -89,9 +88,9 @@ def run_scenario(number: int, window: float, report: list[str]) -> None:
                 for tenant in tenants:
                     batch = clients[tenant.name].batches.retrieve(tenant.batch_id)
                     tenant.tokens.append(_engine_tokens(batch))
-                    if batch.status in ("completed", "failed", "expired", "cancelled"):
-                        if tenant.done_at is None:
-                            tenant.done_at = samples[-1]
+                    ended = batch.status in ("completed", "failed", "expired", "cancelled")
+                    if ended and tenant.done_at is None:
+                        tenant.done_at = samples[-1]
     lines = [
         f"{number}. {len(tenants)} tenants: "
         + ", ".join(
@@ -99,7 +98,8 @@ def run_scenario(number: int, window: float, report: list[str]) -> None:
             + (f" ({t.delay:g} s later)" if t.delay else "")
             for t in tenants
         ),
-        "   window      " + "".join(f"{t.name + ' tok':>10}{t.name + ' share':>9}" for t in tenants)
+        "   window      "
+        + "".join(f"{t.name + ' tok':>10}{t.name + ' share':>9}" for t in tenants)
         + "   due (by weight, among those with work)",
     ]
     previous = {t.name: 0 for t in tenants}

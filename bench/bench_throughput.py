@@ -514,7 +514,9 @@ def part_prefix_cache(n: int, report: list[str]) -> None:
         f" {off['batch']:.2f} s (cached_tokens {off['cached']:.0f})",
         f"   ratio off/on: {off['batch'] / on['batch']:.2f}x (target >= 2x)",
     ]
-    lines += _cpp_cache_ceiling(n, round(on["cached"] / n), round((on["prompt"] - on["cached"]) / n))
+    lines += _cpp_cache_ceiling(
+        n, round(on["cached"] / n), round((on["prompt"] - on["cached"]) / n)
+    )
     report.extend(lines)
     print("\n".join(lines), flush=True)
 

@@ -104,6 +104,16 @@ UPSTREAM_ATTEMPTS = Counter(
     "HTTP attempts sent to openai-http upstreams, by model and outcome.",
     ["model", "outcome"],
 )
+UPSTREAM_CONCURRENCY_LIMIT = Gauge(
+    "batchd_upstream_concurrency_limit",
+    "The adaptive concurrency limit on batch attempts to an upstream model (AIMD).",
+    ["model"],
+)
+UPSTREAM_CONCURRENCY_DECREASES = Counter(
+    "batchd_upstream_concurrency_decreases",
+    "Times the adaptive concurrency limit on an upstream model was halved (429, 5xx, slow).",
+    ["model"],
+)
 UPSTREAM_RETRIES = Counter(
     "batchd_upstream_retries",
     "Retries scheduled after a 429, 5xx, timeout or connection error from an upstream.",

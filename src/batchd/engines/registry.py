@@ -81,6 +81,11 @@ class OpenAIHttpModel(_Strict):
     # /v1/responses (vLLM, OpenAI); "chat" (the default, for servers without one) sends
     # each as a chat completion and converts the answer back.
     responses: Literal["chat", "native"] = "chat"
+    # Batch attempts' concurrency adapts (AIMD, openai_http/adaptive.py) between 1 and
+    # max_concurrency: halved on a 429, a 5xx or an answer slower than the target, grown by
+    # one a round otherwise, so batch work fills the upstream's spare capacity and no more.
+    adaptive_concurrency: bool = False
+    latency_target_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("base_url", "base_urls", mode="after")
     @classmethod

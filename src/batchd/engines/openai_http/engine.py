@@ -33,6 +33,7 @@ from batchd.engines.base import (
     PassthroughEngine,
     StreamDelta,
 )
+from batchd.engines.openai_http.adaptive import AdaptiveLimit
 from batchd.engines.openai_http.bodies import (
     answer_result,
     request_body,
@@ -87,6 +88,13 @@ class OpenAIHttpEngine:
             config.max_concurrency,
         )
         self.retries = RetryLoop(model_id, self.pool, policy, clock)
+        if config.adaptive_concurrency:
+            self.retries.adaptive = AdaptiveLimit(
+                model_id,
+                config.max_concurrency * len(config.urls),
+                config.latency_target_seconds,
+                clock,
+            )
         self.headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.transport = transport
         self.client: httpx.AsyncClient | None = None

@@ -26,6 +26,7 @@ from tenacity.wait import wait_exponential_jitter
 
 from batchd import metrics
 from batchd.engines.base import ForwardRequest, Priority, RetryLater
+from batchd.engines.openai_http.adaptive import AdaptiveLimit
 from batchd.engines.openai_http.timing import SYSTEM_CLOCK, Clock
 from batchd.engines.openai_http.upstream import Pool, Retryable, Upstream, transport_failure
 from batchd.errors import UpstreamError
@@ -60,6 +61,8 @@ class RetryLoop:
         self.policy = policy
         self.clock = clock
         self.outstanding = 0  # requests inside (waiting for a slot, sending or retrying)
+        # Batch attempts' adaptive concurrency (adaptive.py), when the model turns it on.
+        self.adaptive: AdaptiveLimit | None = None
 
     async def run(
         self, request: ForwardRequest, estimate: int, send: Send, *, hold_slot: bool
@@ -105,7 +108,29 @@ class RetryLoop:
         attempts = 0
         last_answer: Retryable | None = None  # the last failure the upstream answered
 
+        adaptive = self.adaptive if request.priority == Priority.BATCH else None
+
         async def attempt() -> httpx.Response:
+            if adaptive is None:
+                return await attempt_in_slot()
+            await adaptive.admit()
+            started = clock.monotonic()
+            sent_before = attempts
+            overloaded = False
+            try:
+                return await attempt_in_slot()
+            except Retryable as failure:
+                # A 429, a 5xx or a timeout says the upstream is past its capacity; a 4xx
+                # is this request's own fault and final anyway.
+                overloaded = failure.status_code is None or failure.status_code >= 429
+                raise
+            finally:
+                if attempts == sent_before:  # never reached the upstream
+                    await adaptive.cancelled()
+                else:
+                    await adaptive.done(clock.monotonic() - started, overloaded)
+
+        async def attempt_in_slot() -> httpx.Response:
             nonlocal attempts, last_answer
             if pool.all_blocked():
                 soonest = min(pool.urls, key=lambda u: u.blocked_until)
