@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     # The most output tokens a realtime request may ask for (unset: the model's context, as
     # for batch lines, which this never limits).
     realtime_max_tokens: int | None = Field(default=None, ge=1)
+    # Prompt + completion of a realtime request on the embedded engine at most this (unset:
+    # the model's context per sequence, as for batch lines, which this never limits).
+    realtime_max_context_tokens: int | None = Field(default=None, ge=2)
     # Fair share across tenants counts the tokens each used over this many seconds.
     fair_share_window_seconds: int = Field(default=300, ge=10, le=3600)
     poll_interval_seconds: float = 0.5

@@ -1,6 +1,6 @@
-"""A realtime output limit below what batch lines may ask for, through both SDKs: realtime
-requests over it get a 400 naming the field in their surface's shape; the same body in a
-batch runs."""
+"""Realtime limits below what batch lines may use, through both SDKs: realtime requests asking
+for more output, or a longer context, than the server allows them get a 400 naming the field
+in their surface's shape; the same bodies in a batch run."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from tests.support.helpers import API_KEY, chat_line, read_jsonl, upload, wait_f
 from tests.support.serverproc import ServerProcess, running_server
 
 LIMIT = 8
+CONTEXT = 64  # realtime prompt + completion, in tokens
+LONG = "Repeat these words: " + " ".join(["apple"] * 60)  # ~80 tokens with the template
 MESSAGES = [{"role": "user", "content": "Count from 1 to 30."}]
 
 
@@ -23,6 +25,7 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         tmp_path_factory.mktemp("limits"),
         BATCHD_API_KEYS=API_KEY,
         BATCHD_REALTIME_MAX_TOKENS=str(LIMIT),
+        BATCHD_REALTIME_MAX_CONTEXT_TOKENS=str(CONTEXT),
     ) as srv:
         yield srv
 
@@ -60,3 +63,26 @@ def test_a_batch_line_may_ask_for_more_than_the_realtime_limit(limited: ServerPr
     body = row["response"]["body"]
     assert row["response"]["status_code"] == 200
     assert body["usage"]["completion_tokens"] > LIMIT
+
+
+def test_a_realtime_context_limit_refuses_a_long_prompt_that_a_batch_line_may_send(
+    limited: ServerProcess,
+) -> None:
+    api = openai.OpenAI(base_url=limited.openai_base_url, api_key=API_KEY, max_retries=0)
+    long_messages = [{"role": "user", "content": LONG}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        api.chat.completions.create(model="default", messages=long_messages, max_tokens=2)  # type: ignore[arg-type]
+    assert caught.value.code == "context_length_exceeded"
+    assert "realtime requests (batches may use the model's" in caught.value.message
+    assert f"is {CONTEXT} tokens" in caught.value.message
+    claude = anthropic.Anthropic(base_url=limited.url, api_key=API_KEY, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError):
+        claude.messages.create(model="default", max_tokens=2, messages=long_messages)  # type: ignore[arg-type]
+    file_id = upload(api, [chat_line("long", LONG, max_tokens=2)])
+    batch = api.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    done = wait_for(api, batch.id)
+    [row] = read_jsonl(api, done.output_file_id)
+    assert row["response"]["status_code"] == 200
+    assert row["response"]["body"]["usage"]["prompt_tokens"] > CONTEXT

@@ -28,7 +28,10 @@ async def create_message(request: Request, tenant: Tenant, services: ServicesDep
     note_realtime(services)
     body = await read_json(request, MAX_MESSAGES_BODY_BYTES)
     answer = await answer_realtime_message(
-        services.engine, body, services.settings.realtime_max_tokens
+        services.engine,
+        body,
+        services.settings.realtime_max_tokens,
+        services.settings.realtime_max_context_tokens,
     )
     if isinstance(answer, Rendered):
         return answer.body  # serialized by FastAPI, as every other route's dict

@@ -53,6 +53,7 @@ async def _handle(request: Request, endpoint: str, services: Services) -> Any:
         priority_allowed=keyring.priority_allowed(await authenticate(request)),
         flex_timeout=services.settings.flex_timeout_seconds,
         max_output_tokens=services.settings.realtime_max_tokens,
+        max_context=services.settings.realtime_max_context_tokens,
     )
     return _response(answer)
 

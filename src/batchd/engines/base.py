@@ -62,6 +62,9 @@ class GenerationRequest:
     cache_prefixes: tuple[tuple[ChatMessage, ...], ...] = ()
     # A realtime request served ahead of the other realtime ones (service_tier "priority").
     urgent: bool = False
+    # Prompt + completion at most this many tokens, below the model's own context: the
+    # realtime limit (BATCHD_REALTIME_MAX_CONTEXT_TOKENS), which batch lines may exceed.
+    max_context: int | None = None
 
 
 @dataclass(slots=True)

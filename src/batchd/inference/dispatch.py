@@ -245,6 +245,7 @@ async def answer_realtime_openai(
     priority_allowed: bool = True,
     flex_timeout: float = 540.0,
     max_output_tokens: int | None = None,
+    max_context: int | None = None,
 ) -> Rendered | Relayed | Streamed:
     """A realtime request's answer, streamed if the body asks for it, at the service tier
     the body asks for and the tenant may have (service_tiers.py)."""
@@ -255,7 +256,7 @@ async def answer_realtime_openai(
     plan = plan_openai(engine, endpoint, body, Priority.REALTIME)
     if isinstance(plan, Generate):
         request = service_tiers.apply_tier(plan.request, tier, flex_timeout)
-        plan = replace(plan, request=request, service_tier=tier)
+        plan = replace(plan, request=replace(request, max_context=max_context), service_tier=tier)
     elif isinstance(plan, Forward):
         plan = replace(plan, request=service_tiers.apply_tier(plan.request, tier, flex_timeout))
     started = time.monotonic()
@@ -338,11 +339,15 @@ async def stream_message(engine: Engine, plan: MessagePlan) -> Streamed:
 
 
 async def answer_realtime_message(
-    engine: Engine, body: Any, max_output_tokens: int | None = None
+    engine: Engine,
+    body: Any,
+    max_output_tokens: int | None = None,
+    max_context: int | None = None,
 ) -> Rendered | Streamed:
     """A realtime message's answer: streamed if the body asks for it."""
     realtime_limits.check_realtime_output(body, max_output_tokens)
     plan = plan_message(engine, body, Priority.REALTIME)
+    plan = replace(plan, request=replace(plan.request, max_context=max_context))
     if plan.params.stream:
         return await stream_message(engine, plan)
     return await complete_message(engine, plan)

@@ -133,10 +133,17 @@ class ModelRunner:
             if not prompt:
                 raise InvalidRequest("The prompt is empty.", param=param)
             limit = self.context_length
+            whose = "This model's maximum context length"
+            if request.max_context is not None and request.max_context < limit:
+                limit = request.max_context
+                whose = (
+                    "This server's context limit for realtime requests (batches may use the"
+                    f" model's {self.context_length})"
+                )
             wanted = request.params.max_tokens
             if len(prompt) >= limit or (wanted is not None and len(prompt) + wanted > limit):
                 raise ContextLengthExceeded(
-                    f"This model's maximum context length is {limit} tokens. However, you "
+                    f"{whose} is {limit} tokens. However, you "
                     f"requested {len(prompt) + (wanted or 0)} tokens ({len(prompt)} in the "
                     f"prompt, {wanted or 0} for the completion). Please reduce the length of "
                     "the messages or completion.",
