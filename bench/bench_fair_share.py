@@ -5,7 +5,7 @@ engine, bundled model); every few seconds the bench reads each batch's usage ove
 prints, per window, the engine tokens (uncached prompt + completion) each tenant got and its
 share, beside the share its weight entitles it to among the tenants with work left.
 
-  1. two tenants, equal weights: a (600 requests) and b (150 requests, 3 s later)
+  1. two tenants, weights 1 / 2: a (600 requests) and b (150 requests, 3 s later)
   2. three tenants, weights 1 / 2 / 1: a (400), b (400), c (100, 3 s later)
 
 Run: .venv/bin/python bench/bench_fair_share.py [--scenarios 1,2] [--window 5]
@@ -40,7 +40,7 @@ class Tenant:
 
 
 SCENARIOS = {
-    1: [Tenant("a", 1, 600), Tenant("b", 1, 150, delay=3)],
+    1: [Tenant("a", 1, 600), Tenant("b", 2, 150, delay=3)],
     2: [Tenant("a", 1, 400), Tenant("b", 2, 400), Tenant("c", 1, 100, delay=3)],
 }
 
