@@ -12,9 +12,9 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.e2e.test_scale_out import Proc, wait_healthy
 from tests.support.faultproxy import FaultProxy, Faults
 from tests.support.helpers import chat_line, upload, wait_for
+from tests.support.procs import Proc, shared_database_env, wait_healthy
 from tests.support.serverproc import free_port
 from tests.support.upstreamproc import UPSTREAM_MODEL, llama_server
 
@@ -77,13 +77,7 @@ def test_workers_share_one_upstream_s_concurrency_and_rate(
     slow, plain = proxies
     config = tmp_path / "batchd.toml"
     config.write_text(registry(slow, plain))
-    env = {
-        "BATCHD_DATABASE_URL": postgres_url,
-        "BATCHD_DATA_DIR": str(tmp_path / "shared"),
-        "BATCHD_API_KEYS": KEY,
-        "BATCHD_CONFIG": str(config),
-        "BATCHD_POLL_INTERVAL_SECONDS": "0.2",
-    }
+    env = shared_database_env(postgres_url, tmp_path / "shared", KEY, BATCHD_CONFIG=str(config))
     port = free_port()
     procs = [Proc(["api", "--port", str(port)], env, tmp_path / "api.log").start()]
     try:

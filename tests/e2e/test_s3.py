@@ -22,8 +22,8 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.test_scale_out import Proc, wait_healthy
 from tests.support.helpers import chat_line, read_jsonl, upload, wait_for
+from tests.support.procs import Proc, wait_healthy
 from tests.support.serverproc import free_port, running_server
 
 BUCKET = "batchd-files"

@@ -7,10 +7,7 @@ SIGTERM releases its rows at once."""
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,64 +19,11 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from tests.support.helpers import chat_line, read_jsonl, upload, wait_for
-from tests.support.serverproc import free_port, stop_process
+from tests.support.procs import Proc, shared_database_env, wait_healthy
+from tests.support.serverproc import free_port
 
 KEY_A, KEY_B = "scale-key-a", "scale-key-b"
 LEASE_SECONDS = 4
-
-
-@dataclass
-class Proc:
-    args: list[str]
-    env: dict[str, str]
-    log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Proc:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchd.cli", *self.args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
-        )
-        return self
-
-    def log(self) -> str:
-        """The whole log (search it); print ``tail()`` in assertion messages."""
-        return self.log_path.read_text(errors="replace")
-
-    def tail(self) -> str:
-        return self.log()[-4000:]
-
-    def wait_for_log(self, needle: str, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.log():
-            assert self.proc is not None
-            assert self.proc.poll() is None, f"exited early:\n{self.tail()}"
-            assert time.monotonic() < deadline, f"no {needle!r} in:\n{self.tail()}"
-            time.sleep(0.2)
-
-    def signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-        self.proc.wait(timeout=60)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-
-
-def wait_healthy(api: Proc, port: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return
-        assert api.proc is not None and api.proc.poll() is None, api.tail()
-        assert time.monotonic() < deadline, api.tail()
-        time.sleep(0.2)
 
 
 @dataclass
@@ -118,16 +62,15 @@ class Cluster:
 @pytest.fixture()
 def cluster(postgres_url: str, tmp_path: Path) -> Iterator[Cluster]:
     data_dir = tmp_path / "shared"  # the shared volume every process mounts
-    env = {
-        "BATCHD_DATABASE_URL": postgres_url,
-        "BATCHD_DATA_DIR": str(data_dir),
-        "BATCHD_API_KEYS": f"{KEY_A},{KEY_B}",
-        "BATCHD_LEASE_SECONDS": str(LEASE_SECONDS),
-        "BATCHD_POLL_INTERVAL_SECONDS": "0.2",
-        "BATCHD_MAX_SEQS": "6",
-        "BATCHD_CTX_SIZE": "3072",
-        "BATCHD_N_THREADS": "1",  # five processes share two cores
-    }
+    env = shared_database_env(
+        postgres_url,
+        data_dir,
+        f"{KEY_A},{KEY_B}",
+        BATCHD_LEASE_SECONDS=str(LEASE_SECONDS),
+        BATCHD_MAX_SEQS="6",
+        BATCHD_CTX_SIZE="3072",
+        BATCHD_N_THREADS="1",  # five processes share two cores
+    )
     procs: list[Proc] = []
     try:
         workers = []
@@ -263,16 +206,15 @@ class Pair:
 
 @pytest.fixture()
 def pair(postgres_url: str, tmp_path: Path) -> Iterator[Pair]:
-    env = {
-        "BATCHD_DATABASE_URL": postgres_url,
-        "BATCHD_DATA_DIR": str(tmp_path / "shared"),
-        "BATCHD_API_KEYS": KEY_A,
-        "BATCHD_LEASE_SECONDS": str(LEASE_SECONDS),
-        "BATCHD_POLL_INTERVAL_SECONDS": "0.2",
-        "BATCHD_MAX_SEQS": "4",
-        "BATCHD_CTX_SIZE": "2048",
-        "BATCHD_N_THREADS": "1",
-    }
+    env = shared_database_env(
+        postgres_url,
+        tmp_path / "shared",
+        KEY_A,
+        BATCHD_LEASE_SECONDS=str(LEASE_SECONDS),
+        BATCHD_MAX_SEQS="4",
+        BATCHD_CTX_SIZE="2048",
+        BATCHD_N_THREADS="1",
+    )
     port = free_port()
     api = Proc(["api", "--port", str(port)], env, tmp_path / "api.log").start()
     try:

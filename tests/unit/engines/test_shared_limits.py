@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from batchd.engines.openai_http.shared_limits import SharedLimits
-from batchd.store import database
 from batchd.store.store import Store
 
 
-@pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    engine = database.open_sqlite(tmp_path / "db.sqlite3")
-    database.upgrade(engine)
-    yield Store(engine)
-    engine.dispose()
-
-
-def test_a_second_holder_waits_for_the_slot_the_first_releases(store: Store) -> None:
+def test_a_second_holder_waits_for_the_slot_the_first_releases(sqlite_store: Store) -> None:
     async def scenario() -> list[str]:
-        first, second = SharedLimits(store, "proc-a"), SharedLimits(store, "proc-b")
+        first, second = SharedLimits(sqlite_store, "proc-a"), SharedLimits(sqlite_store, "proc-b")
         events: list[str] = []
         slot = await first.acquire_slot("m|u|slots", 1)
         events.append("a took")
@@ -46,9 +33,9 @@ def test_a_second_holder_waits_for_the_slot_the_first_releases(store: Store) -> 
     assert asyncio.run(scenario()) == ["a took", "a releases", "b took"]
 
 
-def test_a_rate_bucket_holds_a_second_process_back_until_it_refills(store: Store) -> None:
+def test_a_rate_bucket_holds_a_second_process_back_until_it_refills(sqlite_store: Store) -> None:
     async def scenario() -> float:
-        first, second = SharedLimits(store, "proc-a"), SharedLimits(store, "proc-b")
+        first, second = SharedLimits(sqlite_store, "proc-a"), SharedLimits(sqlite_store, "proc-b")
         await first.take_rate("m|u|rpm", 1, capacity=1, per_second=4)
         start = time.monotonic()
         await second.take_rate("m|u|rpm", 1, capacity=1, per_second=4)

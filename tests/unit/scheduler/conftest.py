@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from batchd.engines.base import Engine, GenerationRequest, GenerationResult
 from batchd.engines.fake import FAKE_MODEL, FakeEngine
 from batchd.protocol.batch_file import prefix_key
 from batchd.scheduler.runner import Scheduler
-from batchd.store import database, schema
+from batchd.store import schema
 from batchd.store.records import (
     BatchRecord,
     BatchStatus,
@@ -266,11 +266,8 @@ def settings(tmp_path: Path) -> Settings:
 
 
 @pytest.fixture()
-def store(tmp_path: Path) -> Iterator[Store]:
-    engine = database.open_sqlite(tmp_path / "batchd.sqlite3")
-    database.upgrade(engine)
-    yield Store(engine)
-    engine.dispose()
+def store(sqlite_store: Store) -> Store:
+    return sqlite_store
 
 
 @pytest.fixture()

@@ -31,12 +31,3 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
     database.upgrade(engine)
     yield Store(engine)
     engine.dispose()  # before postgres_url drops the database
-
-
-@pytest.fixture()
-def sqlite_store(tmp_path: Path) -> Iterator[Store]:
-    """A store on SQLite only, for what only SQLite has (the pollers' pinned connection)."""
-    engine = database.open_sqlite(tmp_path / "db.sqlite3")
-    database.upgrade(engine)
-    yield Store(engine)
-    engine.dispose()
