@@ -114,6 +114,14 @@ class Settings(BaseSettings):
     # ``output_expires_after`` may ask for (OpenAI's, and the default: 3,600).
     min_expires_after_seconds: int = Field(default=3600, ge=1, le=2_592_000)
 
+    # Prices per million tokens (costs/prices.py): realtime input, cached input and output,
+    # and batch prices as this share of them; a prices file (TOML) overrides them per model.
+    price_input: float = Field(default=0.10, ge=0)
+    price_cached_input: float = Field(default=0.05, ge=0)
+    price_output: float = Field(default=0.40, ge=0)
+    batch_discount: float = Field(default=0.5, gt=0, le=1)
+    prices_file: Path | None = None
+
     # Scheduling.
     lease_seconds: int = 60
     # A realtime request at service_tier "flex" not answered within this long gets a 429

@@ -74,6 +74,15 @@ class Unauthorized(BatchdError):
     default_code = "invalid_api_key"
 
 
+class Forbidden(BatchdError):
+    """The key is valid but its role does not allow this (the console's operator views)."""
+
+    status_code = 403
+    openai_type = "permission_error"
+    anthropic_type = "permission_error"
+    default_code = "insufficient_permissions"
+
+
 class NotFound(BatchdError):
     status_code = 404
     openai_type = "invalid_request_error"

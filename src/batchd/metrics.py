@@ -18,6 +18,8 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from batchd.engine_activity import ACTIVITY
+
 # -------------------------------------------------------------------------- the scheduler
 
 LEASES_CLAIMED = Counter(
@@ -136,8 +138,16 @@ HTTP_SECONDS = Histogram(
 
 
 def count_tokens(
-    model: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0
+    model: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int = 0,
+    *,
+    realtime: bool = False,
 ) -> None:
+    """Tokens an engine processed for one request; ``realtime``: for a realtime request (the
+    console's share of the engine, engine_activity.py), else for a batch row."""
+    ACTIVITY.record(realtime, completion_tokens)
     if prompt_tokens:
         PROMPT_TOKENS.labels(model).inc(prompt_tokens)
     if cached_tokens:

@@ -31,7 +31,7 @@ from batchd.errors import DataDirLocked, InsecureBind, NeedsSharedDatabase
 from batchd.loop_pacing import LoopPacer
 from batchd.scheduler.runner import Scheduler
 from batchd.service import retention
-from batchd.service.services import Services, install_metrics
+from batchd.service.services import Services, install_metrics, price_table
 from batchd.store import database
 from batchd.store.store import Store
 
@@ -78,6 +78,7 @@ def open_blobs(settings: Settings) -> BlobStore:
 
 
 def build_services(settings: Settings, role: Role = "all") -> Services:
+    prices = price_table(settings)  # a wrong prices file stops start-up before anything loads
     engine_db = database.open_database(
         settings.database_url,
         settings.database_path,
@@ -89,7 +90,14 @@ def build_services(settings: Settings, role: Role = "all") -> Services:
     blobs = open_blobs(settings)
     engine = build_engine(settings)  # an API process keeps one too: realtime requests
     scheduler = Scheduler(store, blobs, engine, settings) if role != "api" else None
-    return Services(settings=settings, store=store, blobs=blobs, engine=engine, scheduler=scheduler)
+    return Services(
+        settings=settings,
+        store=store,
+        blobs=blobs,
+        engine=engine,
+        scheduler=scheduler,
+        prices=prices,
+    )
 
 
 def _shared_database(settings: Settings) -> bool:

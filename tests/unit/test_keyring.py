@@ -70,3 +70,31 @@ def test_priority_is_allowed_to_flagged_file_tenants_and_to_everyone_else(tmp_pa
     assert ring.priority_allowed("t_team-c") and ring.weights()["t_team-c"] == 4.0
     assert ring.priority_allowed(ring.tenant_for("env-key-0001") or "")
     assert ring.priority_allowed("public")
+
+
+def test_admin_is_a_role_of_the_key_not_of_its_tenant(tmp_path: Path) -> None:
+    ring = KeyRing(
+        ["env-key-0001"],
+        keys_file(
+            tmp_path,
+            "ops-key-00001 ops admin",
+            "ops-key-00002 ops",
+            "alice-key-001 alice priority admin weight=2",
+        ),
+    )
+    assert ring.is_admin("ops-key-00001")
+    assert not ring.is_admin("ops-key-00002")  # the same tenant, no role
+    assert ring.is_admin("alice-key-001")  # flags in any order beside the weight
+    assert ring.priority_allowed("t_alice")
+    assert not ring.is_admin("env-key-0001")  # environment keys carry no role
+    assert not ring.is_admin("unknown-key-1")
+    assert not ring.is_admin(None)
+
+
+def test_without_keys_everyone_is_an_admin() -> None:
+    assert KeyRing([]).is_admin(None)
+
+
+def test_an_unknown_flag_is_refused_naming_its_line(tmp_path: Path) -> None:
+    with pytest.raises(KeysFileError, match=":1: expected"):
+        parse_keys_file(keys_file(tmp_path, "ops-key-00001 ops root"))

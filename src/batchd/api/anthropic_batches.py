@@ -19,8 +19,9 @@ from batchd.api.json_body import read_json
 from batchd.api.responses import JSONResponse
 from batchd.errors import InvalidRequest
 from batchd.protocol import anthropic as am
-from batchd.service import batches, idempotency, message_batches
+from batchd.service import batches, costs, idempotency, message_batches
 from batchd.service.services import Services, wake_scheduler
+from batchd.store.records import BatchRecord
 
 router = APIRouter()
 
@@ -31,17 +32,30 @@ def _base_url(request: Request, services: Services) -> str:
     return services.settings.public_url or str(request.base_url)
 
 
+def _object(services: Services, record: BatchRecord, base_url: str) -> dict[str, Any]:
+    """The message batch object, with the ``batchd`` extension (usage, cost and saving) the
+    SDKs tolerate. Called inside ``run_blocking``: a batch of several models reads its usage
+    per model."""
+    body = am.message_batch_object(record, base_url)
+    body["batchd"] = costs.batch_extension(services, record)
+    return body
+
+
 @router.post("/v1/messages/batches", openapi_extra=openapi_schemas.CREATE_MESSAGE_BATCH)
 async def create_message_batch(
     request: Request, tenant: Tenant, services: ServicesDep
 ) -> dict[str, Any]:
     key = idempotency.key_of(request.headers)
     body = await read_json(request, services.settings.anthropic_max_body_bytes)
-    record = await run_blocking(
-        services, lambda: message_batches.create_message_batch(services, tenant, body, key)
+    base_url = _base_url(request, services)
+    answer = await run_blocking(
+        services,
+        lambda: _object(
+            services, message_batches.create_message_batch(services, tenant, body, key), base_url
+        ),
     )
     wake_scheduler(services)  # on the loop: the wake-up is not thread-safe
-    return am.message_batch_object(record, _base_url(request, services))
+    return answer
 
 
 # The polling routes: as in openai_batches (poll reads, orjson, the schema kept).
@@ -56,40 +70,49 @@ async def list_message_batches(
 ) -> JSONResponse:
     if before_id and after_id:
         raise InvalidRequest("Only one of before_id and after_id may be given.", param="before_id")
-    records, has_more = await run_blocking(
-        services,
-        lambda: batches.list_batches(
-            services, tenant, SURFACE, after=after_id, before=before_id, limit=limit
-        ),
-        poll_read=True,
-    )
     base_url = _base_url(request, services)
-    return JSONResponse(
-        am.list_object([am.message_batch_object(r, base_url) for r in records], has_more)
-    )
+
+    def read() -> dict[str, Any]:
+        records, has_more = batches.list_batches(
+            services, tenant, SURFACE, after=after_id, before=before_id, limit=limit
+        )
+        return am.list_object([_object(services, r, base_url) for r in records], has_more)
+
+    return JSONResponse(await run_blocking(services, read, poll_read=True))
 
 
 @router.get("/v1/messages/batches/{message_batch_id}", response_model=dict[str, Any])
 async def retrieve_message_batch(
     message_batch_id: str, request: Request, tenant: Tenant, services: ServicesDep
 ) -> JSONResponse:
-    record = await run_blocking(
+    base_url = _base_url(request, services)
+    answer = await run_blocking(
         services,
-        lambda: batches.get_batch(services, tenant, message_batch_id, SURFACE, for_poller=True),
+        lambda: _object(
+            services,
+            batches.get_batch(services, tenant, message_batch_id, SURFACE, for_poller=True),
+            base_url,
+        ),
         poll_read=True,
     )
-    return JSONResponse(am.message_batch_object(record, _base_url(request, services)))
+    return JSONResponse(answer)
 
 
 @router.post("/v1/messages/batches/{message_batch_id}/cancel")
 async def cancel_message_batch(
     message_batch_id: str, request: Request, tenant: Tenant, services: ServicesDep
 ) -> dict[str, Any]:
-    record = await run_blocking(
-        services, lambda: message_batches.cancel_message_batch(services, tenant, message_batch_id)
+    base_url = _base_url(request, services)
+    answer = await run_blocking(
+        services,
+        lambda: _object(
+            services,
+            message_batches.cancel_message_batch(services, tenant, message_batch_id),
+            base_url,
+        ),
     )
     wake_scheduler(services)  # on the loop: the wake-up is not thread-safe
-    return am.message_batch_object(record, _base_url(request, services))
+    return answer
 
 
 @router.delete("/v1/messages/batches/{message_batch_id}")

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from batchd.api import (
     anthropic_batches,
     anthropic_realtime,
+    console,
     errors,
     openai_batches,
     openai_files,
@@ -88,6 +89,7 @@ def create_app(services: Services, running: WhileServing | None = None) -> FastA
     app.include_router(openai_realtime.router)
     app.include_router(anthropic_batches.router)
     app.include_router(anthropic_realtime.router)
+    app.include_router(console.router)
     return app
 
 

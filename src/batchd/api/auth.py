@@ -23,9 +23,17 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from batchd.api.errors import error_response
 from batchd.api.keyring import PUBLIC_TENANT, KeyRing
-from batchd.errors import Unauthorized
+from batchd.errors import Forbidden, Unauthorized
 
 OPEN_PATHS = frozenset({"/healthz"})  # no tenant data, no figures
+# The console's page and its script and styles: no data in them (the page asks for a key and
+# sends it with each of its API calls), so they load before a key is entered.
+CONSOLE_PAGES = frozenset({"/console", "/console/"})
+CONSOLE_STATIC = "/console/static/"
+
+
+def _open(path: str) -> bool:
+    return path in OPEN_PATHS or path in CONSOLE_PAGES or path.startswith(CONSOLE_STATIC)
 
 
 def presented_key(authorization: str | None, x_api_key: str | None) -> str | None:
@@ -66,9 +74,7 @@ class AuthMiddleware:
         self.keyring = keyring
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or (
-            scope["path"] in OPEN_PATHS and scope["method"] in ("GET", "HEAD")
-        ):
+        if scope["type"] != "http" or (_open(scope["path"]) and scope["method"] in ("GET", "HEAD")):
             await self.app(scope, receive, send)
             return
         request = Request(scope)
@@ -85,7 +91,12 @@ class AuthMiddleware:
             )
             await response(scope, receive, send)
             return
-        scope.setdefault("state", {})["tenant"] = tenant
+        state = scope.setdefault("state", {})
+        state["tenant"] = tenant
+        headers = request.headers
+        state["admin"] = self.keyring.is_admin(
+            presented_key(headers.get("authorization"), headers.get("x-api-key"))
+        )
         await self.app(scope, receive, send)
 
 
@@ -97,3 +108,15 @@ async def authenticate(request: Request) -> str:  # async: a sync one would run 
 
 
 Tenant = Annotated[str, Depends(authenticate)]
+
+
+async def is_admin(request: Request) -> bool:
+    return bool(getattr(request.state, "admin", False))
+
+
+async def require_admin(request: Request) -> None:
+    if not await is_admin(request):
+        raise Forbidden("This view needs an admin key (a keys-file line marked 'admin').")
+
+
+Admin = Depends(require_admin)

@@ -62,9 +62,10 @@ def check_depth(value: Any, max_depth: int) -> Any:
     return value
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """Refuse by Content-Length up front, and count while reading: a chunked body (or one
-    whose header lies) is cut off at ``limit`` bytes rather than read to its end."""
+async def read_bytes(request: Request, limit: int) -> bytearray:
+    """The whole body. Refuse by Content-Length up front, and count while reading: a chunked
+    body (or one whose header lies) is cut off at ``limit`` bytes rather than read to its
+    end."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _too_large(declared, limit)
@@ -73,6 +74,12 @@ async def read_json(request: Request, limit: int) -> Any:
         buffer += chunk
         if len(buffer) > limit:
             raise _too_large(f"at least {len(buffer)}", limit)  # what arrived so far
+    return buffer
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The body parsed as JSON, at most ``limit`` bytes of it (read_bytes)."""
+    buffer = await read_bytes(request, limit)
     depth = depth_limit(request)
     if len(buffer) <= INLINE_PARSE_BYTES:
         return _parse(buffer, depth)

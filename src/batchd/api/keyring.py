@@ -2,12 +2,14 @@
 
 Two sources: ``BATCHD_API_KEYS`` (each key is its own tenant, named by a hash of the key, so
 the key itself is never stored) and a keys file (``--keys-file``), one
-``<key> <tenant-name> [weight=W] [priority]`` per line, where several keys may name the same
-tenant. The weight is the tenant's share of batch capacity against other tenants (default 1;
+``<key> <tenant-name> [weight=W] [priority] [admin]`` per line, where several keys may name
+the same tenant. The weight is the tenant's share of batch capacity against other tenants (default 1;
 see store/fair_share.py); lines of one tenant must not give it different weights.
 ``priority`` lets the tenant use the ``priority`` service tier on realtime requests (see
 inference/service_tiers.py); tenants of ``BATCHD_API_KEYS``, and everyone on a server without
-keys, may use it, as nothing says otherwise for them. The file is
+keys, may use it, as nothing says otherwise for them. ``admin`` is a role of the key itself
+(not of its tenant): the console shows such a key the engines and every tenant's batches.
+Only keys-file keys can be admins; on a server without keys, everyone is. The file is
 re-read on SIGHUP; a file that no longer parses keeps the previous keys in force rather than
 locking everyone out.
 
@@ -51,6 +53,7 @@ class _Entry:
     tenant: str
     weight: float | None = None  # None: the default share
     priority: bool = False  # may use the priority service tier
+    admin: bool = False  # the console's operator views (engines, every tenant's batches)
 
 
 def _parse_weight(field: str, where: str) -> float:
@@ -78,12 +81,11 @@ def parse_keys_file(path: Path) -> list[_Entry]:
             continue
         parts = line.split()
         options = parts[2:]
-        priority = "priority" in options
-        if priority:
-            options.remove("priority")
+        flags = {flag for flag in ("priority", "admin") if flag in options}
+        options = [option for option in options if option not in flags]
         if len(parts) < 2 or len(options) > 1:
             raise KeysFileError(
-                f"{path}:{line_no}: expected '<key> <tenant-name> [weight=W] [priority]'"
+                f"{path}:{line_no}: expected '<key> <tenant-name> [weight=W] [priority] [admin]'"
             )
         key, name = parts[:2]
         weight = _parse_weight(options[0], f"{path}:{line_no}") if options else None
@@ -104,7 +106,9 @@ def parse_keys_file(path: Path) -> list[_Entry]:
                     f"{path}:{line_no}: tenant {name} was given weight {earlier[0]:g} on line"
                     f" {earlier[1]}"
                 )
-        entries.append(_Entry(raw, named_tenant(name), weight, priority))
+        entries.append(
+            _Entry(raw, named_tenant(name), weight, "priority" in flags, "admin" in flags)
+        )
     return entries
 
 
@@ -148,6 +152,18 @@ class KeyRing:
         """The tenants the keys file gives a weight (the others weigh the default)."""
         with self._lock:
             return {e.tenant: e.weight for e in self._entries if e.weight is not None}
+
+    def is_admin(self, presented: str | None) -> bool:
+        """Whether ``presented`` is an admin key (everyone is, on a server without keys).
+        Constant time in the key's content, like ``tenant_for``."""
+        if not self.enabled:
+            return True
+        candidate = (presented or "").encode()
+        admin = False
+        for entry in self._entries:  # no early exit, by design
+            if hmac.compare_digest(candidate, entry.key) and entry.admin:
+                admin = True
+        return admin
 
     def tenant_for(self, presented: str) -> str | None:
         """The tenant owning ``presented``, or None. Constant time in the key's content."""

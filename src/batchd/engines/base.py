@@ -201,6 +201,12 @@ class Engine(Protocol):
         their engine is full or their upstream is down. Empty for in-process engines."""
         ...
 
+    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        """The request's prompt in tokens, counted exactly with its model's tokenizer (chat
+        template applied), or None where no tokenizer is at hand (an upstream model). For
+        estimates before submitting; never on the serving path."""
+        ...
+
     def passthrough(self, model: str) -> PassthroughEngine | None:
         """The engine to pass ``model``'s (a served id) OpenAI bodies through to unchanged, or
         None if the model runs in-process from a ``GenerationRequest``."""

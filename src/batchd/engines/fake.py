@@ -48,6 +48,10 @@ class FakeEngine:
     def unavailable_models(self) -> list[str]:
         return []
 
+    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        source = request.prompt or " ".join(m.content for m in request.messages or ())
+        return len(source.split())
+
     def passthrough(self, model: str) -> PassthroughEngine | None:
         return None
 

@@ -3,11 +3,12 @@ of them: waking the scheduler, noting realtime traffic, installing the process's
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from batchd import metrics
 from batchd.blobs.base import BlobStore
 from batchd.config import Settings
+from batchd.costs.prices import PriceTable, load_price_table
 from batchd.engines.base import Engine
 from batchd.loop_pacing import REALTIME_HOLD_SECONDS, LoopPacer
 from batchd.scheduler.runner import Scheduler
@@ -24,6 +25,23 @@ class Services:
     # Moderates the loop's wake-ups while the embedded engine decodes batch work; set by
     # ``runtime.running`` where that applies (loop_pacing.py).
     pacer: LoopPacer | None = None
+    # What tokens cost (costs/prices.py); built from the settings unless given.
+    prices: PriceTable = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.prices is None:
+            self.prices = price_table(self.settings)
+
+
+def price_table(settings: Settings) -> PriceTable:
+    """The price table the settings describe; ConfigError for a prices file that is wrong."""
+    return load_price_table(
+        settings.prices_file,
+        input=settings.price_input,
+        cached_input=settings.price_cached_input,
+        output=settings.price_output,
+        batch_discount=settings.batch_discount,
+    )
 
 
 def install_metrics(services: Services) -> None:

@@ -7,7 +7,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from sqlalchemy import Engine, bindparam, func, select
+from sqlalchemy import BigInteger, Engine, bindparam, func, select
 
 from batchd.store import poll_reads, schema
 from batchd.store.records import (
@@ -183,3 +183,58 @@ class StatsMixin:
         with self.engine.connect() as conn:
             rows = conn.execute(select(b.c.status, func.count()).group_by(b.c.status)).all()
         return {str(status): int(n) for status, n in rows}
+
+    def usage_by_model(self, batch_id: str) -> list[tuple[str | None, int, int, int]]:
+        """The batch's succeeded rows' tokens per model named in their bodies: (model,
+        prompt, cached, completion). For the cost of a batch of several models."""
+        r = schema.requests
+        query = (
+            select(
+                r.c.model,
+                func.coalesce(func.sum(r.c.prompt_tokens), 0),
+                func.coalesce(func.sum(r.c.cached_tokens), 0),
+                func.coalesce(func.sum(r.c.completion_tokens), 0),
+            )
+            .where(r.c.batch_id == batch_id, r.c.state == RequestState.SUCCEEDED.value)
+            .group_by(r.c.model)
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [(m, int(p), int(c), int(o)) for m, p, c, o in rows]
+
+    def daily_usage(
+        self, tenant: str | None, since: int, created_after: int
+    ) -> list[tuple[int, str | None, int, int, int, int, int]]:
+        """Succeeded requests per UTC day and model since ``since`` (epoch seconds), of one
+        tenant's batches or (``tenant`` None) everyone's: (day index since the epoch, model,
+        batches, requests, prompt, cached, completion tokens), of batches created after
+        ``created_after`` (the caller's bound: ``since`` less the longest completion window,
+        so the scan skips batches that cannot have finished rows since)."""
+        r, b = schema.requests, schema.batches
+        day = (r.c.finished_at / 86400).cast(BigInteger)
+        query = (
+            select(
+                day,
+                r.c.model,
+                func.count(func.distinct(r.c.batch_id)),
+                func.count(),
+                func.coalesce(func.sum(r.c.prompt_tokens), 0),
+                func.coalesce(func.sum(r.c.cached_tokens), 0),
+                func.coalesce(func.sum(r.c.completion_tokens), 0),
+            )
+            .select_from(r.join(b, b.c.id == r.c.batch_id))
+            .where(
+                b.c.created_at >= created_after,
+                r.c.state == RequestState.SUCCEEDED.value,
+                r.c.finished_at >= since,
+            )
+            .group_by(day, r.c.model)
+            .order_by(day)
+        )
+        if tenant is not None:
+            query = query.where(b.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return [
+            (int(d), m, int(nb), int(n), int(p), int(c), int(o)) for d, m, nb, n, p, c, o in rows
+        ]

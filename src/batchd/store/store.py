@@ -7,6 +7,7 @@ Each group of methods lives in a module of its own, as a mixin over the same eng
 - admission.py: a tenant's load, and creating a batch within its limits under its lock
 - queue.py: request rows inserted, leased, renewed, completed, released and ended
 - stats.py: counts and usage, per batch (cached for pollers) and over the database
+- console_reads.py: the console's views (batches of both surfaces, failures, queue by tenant)
 - retention.py: expired files, archiving, orphan rows, old idempotency keys
 - idempotency.py: looking up a create's key (recording it is part of each create)
 - tenants.py: tenants' weights and recent usage, which leasing shares the engine by
@@ -23,6 +24,7 @@ from sqlalchemy import Engine
 from batchd.store import poll_reads
 from batchd.store.admission import AdmissionMixin
 from batchd.store.batches import BatchesMixin
+from batchd.store.console_reads import ConsoleReadsMixin
 from batchd.store.files import FilesMixin
 from batchd.store.idempotency import IdempotencyMixin
 from batchd.store.queue import QueueMixin
@@ -38,6 +40,7 @@ class Store(
     AdmissionMixin,
     QueueMixin,
     StatsMixin,
+    ConsoleReadsMixin,
     RetentionMixin,
     IdempotencyMixin,
     TenantsMixin,

@@ -422,7 +422,14 @@ class ModelRunner:
         seq.text += (
             seq.decoder.decode(b"", final=True) if reason != "stop" or not stop_sequence else ""
         )
-        metrics.count_tokens(seq.job.request.model, len(seq.prompt), len(seq.generated), seq.cached)
+        request = seq.job.request
+        metrics.count_tokens(
+            request.model,
+            len(seq.prompt),
+            len(seq.generated),
+            seq.cached,
+            realtime=request.priority == Priority.REALTIME,
+        )
         result = GenerationResult(
             text=seq.text,
             finish_reason="length" if reason == "length" else "stop",

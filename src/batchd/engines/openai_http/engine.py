@@ -31,6 +31,7 @@ from batchd.engines.base import (
     GenerationResult,
     ModelInfo,
     PassthroughEngine,
+    Priority,
     StreamDelta,
 )
 from batchd.engines.openai_http.adaptive import AdaptiveLimit
@@ -120,6 +121,9 @@ class OpenAIHttpEngine:
     def decoding_batch_only(self) -> bool:
         return False
 
+    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+        return None  # the upstream's tokenizer is not here
+
     def unavailable_models(self) -> list[str]:
         """Full, or every URL blocked: leasing more of this model's rows would only park them
         in slots other models could use."""
@@ -157,6 +161,7 @@ class OpenAIHttpEngine:
     async def forward(self, request: ForwardRequest) -> ForwardResponse:
         payload, estimate = self._payload(request.endpoint, request.body)
         path = request.endpoint.removeprefix("/v1")
+        realtime = request.priority == Priority.REALTIME
 
         async def send(upstream: Upstream) -> httpx.Response:
             response = await self._client().post(
@@ -165,7 +170,7 @@ class OpenAIHttpEngine:
             failure = classify(response, response.content)
             if failure is not None:
                 raise failure
-            self._settle(upstream, estimate, response.content)
+            self._settle(upstream, estimate, response.content, realtime)
             return response
 
         response, attempts = await self.retries.run(request, estimate, send, hold_slot=False)
@@ -210,7 +215,8 @@ class OpenAIHttpEngine:
             if upstream is not None:
                 self.pool.release(upstream)
             return ForwardStream(response.status_code, _once(response.content), attempts)
-        return ForwardStream(200, self._relay(response, upstream, estimate), attempts)
+        realtime = request.priority == Priority.REALTIME
+        return ForwardStream(200, self._relay(response, upstream, estimate, realtime), attempts)
 
     # ------------------------------------------------------------ generation
 
@@ -270,14 +276,14 @@ class OpenAIHttpEngine:
             payload, endpoint, body, self.config.default_completion_tokens
         )
 
-    def _settle(self, upstream: Upstream, estimate: int, body: bytes) -> None:
+    def _settle(self, upstream: Upstream, estimate: int, body: bytes, realtime: bool) -> None:
         """Correct the token budget with the usage a full answer reports."""
         prompt, completion, _ = response_usage(body)
         upstream.settle_tokens(estimate, prompt + completion)
-        metrics.count_tokens(self.model_id, prompt, completion)
+        metrics.count_tokens(self.model_id, prompt, completion, realtime=realtime)
 
     async def _relay(
-        self, response: httpx.Response, upstream: Upstream, estimate: int
+        self, response: httpx.Response, upstream: Upstream, estimate: int, realtime: bool
     ) -> AsyncIterator[bytes]:
         """The stream's bytes as they come; its slot is held until it ends or the caller stops
         reading (a client that hangs up closes this generator). A ``usage`` the stream reports
@@ -298,7 +304,9 @@ class OpenAIHttpEngine:
                 self.pool.release(upstream)
                 if usage.found:
                     upstream.settle_tokens(estimate, usage.prompt + usage.completion)
-                    metrics.count_tokens(self.model_id, usage.prompt, usage.completion)
+                    metrics.count_tokens(
+                        self.model_id, usage.prompt, usage.completion, realtime=realtime
+                    )
 
 
 async def _once(body: bytes) -> AsyncIterator[bytes]:
