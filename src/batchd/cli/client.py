@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import IO, Annotated
+from typing import IO, Annotated, Any
 
 import openai
 import typer
@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["register"]
+__all__ = ["format_cost", "register"]
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 POLL_SECONDS = 1.0
@@ -53,7 +53,7 @@ def _client(url: str, api_key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key, max_retries=2)
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
+def fail(message: str, code: int = 1) -> typer.Exit:
     err.print("error: " + message, style="red", markup=False)
     return typer.Exit(code)
 
@@ -64,15 +64,15 @@ def _server_errors(url: str) -> Iterator[None]:
     try:
         yield
     except openai.APIConnectionError:
-        raise _fail(f"cannot reach a batchd server at {url} (is `batchd serve` running?)") from None
+        raise fail(f"cannot reach a batchd server at {url} (is `batchd serve` running?)") from None
     except openai.APIStatusError as exc:
         # The SDK unwraps {"error": {...}} into exc.body.
         body = exc.body if isinstance(exc.body, dict) else {}
         message = body.get("message") or exc.message
-        raise _fail(f"{message} (HTTP {exc.status_code})") from None
+        raise fail(f"{message} (HTTP {exc.status_code})") from None
 
 
-def _stdout() -> Console:
+def stdout_console() -> Console:
     # Piped output keeps whole ids on one line instead of wrapping at 80 columns.
     return Console() if sys.stdout.isatty() else Console(width=200)
 
@@ -81,6 +81,16 @@ def _when(timestamp: int | None) -> str:
     if timestamp is None:
         return "-"
     return datetime.fromtimestamp(timestamp).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def format_cost(cost: dict[str, Any]) -> str:
+    """``0.000123 USD at batch prices (realtime 0.000246: saved 0.000123, 50.0%)``."""
+    currency = cost.get("currency", "")
+    return (
+        f"{cost.get('batch', 0):.6f} {currency} at batch prices (realtime "
+        f"{cost.get('realtime', 0):.6f}: saved {cost.get('saving', 0):.6f},"
+        f" {cost.get('saving_percent', 0)}%)"
+    )
 
 
 def _counts(batch: Batch) -> tuple[int, int, int]:
@@ -105,7 +115,7 @@ def _parse_metadata(items: list[str] | None) -> dict[str, str] | None:
     return pairs
 
 
-def _infer_endpoint(path: Path) -> str:
+def infer_endpoint(path: Path) -> str:
     """The first non-blank line's ``url``; malformed files are left to the server to report."""
     with path.open("rb") as handle:
         for raw in handle:
@@ -185,7 +195,7 @@ def submit(
             uploaded = client.files.create(file=(file.name, handle), purpose="batch")
         batch = client.batches.create(
             input_file_id=uploaded.id,
-            endpoint=endpoint or _infer_endpoint(file),  # type: ignore[arg-type]
+            endpoint=endpoint or infer_endpoint(file),  # type: ignore[arg-type]
             completion_window=window,  # type: ignore[arg-type]
             metadata=meta,
         )
@@ -241,6 +251,9 @@ def _status_table(batch: Batch) -> Table:
             f"({usage.input_tokens_details.cached_tokens} cached) / "
             f"{usage.output_tokens} out / {usage.total_tokens} total",
         )
+    extension = (batch.model_extra or {}).get("batchd")
+    if isinstance(extension, dict) and isinstance(extension.get("cost"), dict):
+        add_row("cost", format_cost(extension["cost"]))
     add_row("input file", batch.input_file_id)
     add_row("output file", batch.output_file_id or "-")
     add_row("error file", batch.error_file_id or "-")
@@ -280,7 +293,7 @@ def status(
             print(json.dumps(raw.http_response.json(), indent=2))
             return
         batch = client.batches.retrieve(batch_id)
-    _stdout().print(_status_table(batch))
+    stdout_console().print(_status_table(batch))
 
 
 def results(
@@ -299,7 +312,7 @@ def results(
         file_id = batch.error_file_id if errors else batch.output_file_id
         if not file_id:
             kind = "error" if errors else "output"
-            raise _fail(f"batch {batch_id} has no {kind} file (status {batch.status})")
+            raise fail(f"batch {batch_id} has no {kind} file (status {batch.status})")
         if output is None:
             _stream_file(client, file_id, sys.stdout.buffer)
             sys.stdout.buffer.flush()
@@ -339,7 +352,7 @@ def ls(
             _when(batch.created_at),
             batch.endpoint,
         )
-    _stdout().print(table)
+    stdout_console().print(table)
 
 
 def register(app: typer.Typer) -> None:

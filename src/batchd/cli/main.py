@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from batchd.cli import client as cli_client
+from batchd.cli import costs as cli_costs
 from batchd.cli import db as cli_db
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="A self-hosted Batch API.")
@@ -263,6 +264,7 @@ def engines_check(
 
 
 cli_client.register(app)
+cli_costs.register(app)
 
 
 app.add_typer(cli_db.app, name="db")
