@@ -201,10 +201,10 @@ class Engine(Protocol):
         their engine is full or their upstream is down. Empty for in-process engines."""
         ...
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
-        """The request's prompt in tokens, counted exactly with its model's tokenizer (chat
-        template applied), or None where no tokenizer is at hand (an upstream model). For
-        estimates before submitting; never on the serving path."""
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int] | None:
+        """The request's prompt as its model's tokenizer makes it (chat template applied), or
+        None where no tokenizer is at hand (an upstream model). For estimates before
+        submitting; never on the serving path."""
         ...
 
     def passthrough(self, model: str) -> PassthroughEngine | None:

@@ -48,9 +48,9 @@ class FakeEngine:
     def unavailable_models(self) -> list[str]:
         return []
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int] | None:
         source = request.prompt or " ".join(m.content for m in request.messages or ())
-        return len(source.split())
+        return [hash(word) % 50_000 for word in source.split()]  # a word a token
 
     def passthrough(self, model: str) -> PassthroughEngine | None:
         return None

@@ -63,8 +63,8 @@ class RouterEngine:
     def unavailable_models(self) -> list[str]:
         return [name for engine in self.engines for name in engine.unavailable_models()]
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
-        return self._engine(request.model).count_prompt_tokens(request)
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int] | None:
+        return self._engine(request.model).prompt_token_ids(request)
 
     def passthrough(self, model: str) -> PassthroughEngine | None:
         engine = self._by_name.get(model)

@@ -37,9 +37,25 @@ class _ModelLines:
     requests: int = 0
     input_tokens: int = 0
     exact: bool = True
-    max_output: int = 0  # the lines' max_tokens, summed
-    unbounded: int = 0  # lines without a max_tokens
     max_tokens: list[int | None] = field(default_factory=list)
+    prompts: list[tuple[int, ...]] = field(default_factory=list)  # tokenized prompts
+
+    @property
+    def shared_tokens(self) -> int:
+        """Prompt tokens the engine computes once for several requests: with the prompts in
+        order, each shares its common prefix with the one before it (the engine groups a
+        batch by prefix and copies a shared prefix instead of computing it again)."""
+        shared = 0
+        previous: tuple[int, ...] = ()
+        for prompt in sorted(self.prompts):
+            common = 0
+            for a, b in zip(prompt, previous, strict=False):
+                if a != b:
+                    break
+                common += 1
+            shared += common
+            previous = prompt
+        return shared
 
 
 @dataclass(frozen=True)
@@ -160,8 +176,8 @@ def count_lines(
         try:
             plan = dispatch.plan_openai(engine, endpoint, body, Priority.BATCH)
             model = plan.request.model
-            counted = (
-                engine.count_prompt_tokens(plan.request)
+            tokens = (
+                engine.prompt_token_ids(plan.request)
                 if isinstance(plan, dispatch.Generate)
                 else None
             )
@@ -174,10 +190,12 @@ def count_lines(
             continue
         entry = models.setdefault(model, _ModelLines())
         entry.requests += 1
-        if counted is None:
-            counted = _approximate_tokens(body)
+        if tokens is None:
+            entry.input_tokens += _approximate_tokens(body)
             entry.exact = False
-        entry.input_tokens += counted
+        else:
+            entry.input_tokens += len(tokens)
+            entry.prompts.append(tuple(tokens))
         entry.max_tokens.append(_max_tokens(body))
     return models, failing, failed, lines
 
@@ -196,13 +214,14 @@ def estimate(services: Services, data: bytes, endpoint: str) -> dict[str, Any]:
             if not all(m.exact for m in models.values())
             else "."
         ),
-        "No prompt token is assumed to come from the prefix cache: requests sharing a prefix"
-        " will cost less and run faster than this.",
+        "Prompt tokens that lines share as a common prefix are counted cached (computed once,"
+        " as the engine does within a batch); a prefix cached by earlier work is not"
+        " foreseen, and makes the batch cheaper and faster than this.",
     ]
     usages_expected: list[ModelUsage] = []
     usages_max: list[ModelUsage] = []
     per_model: dict[str, Any] = {}
-    output_expected = output_max = 0
+    output_expected = output_max = cached_total = 0
     for model, entry in models.items():
         mean = measured.output_per_request.get(model)
         expected = maximum = 0
@@ -212,12 +231,15 @@ def estimate(services: Services, data: bytes, endpoint: str) -> dict[str, Any]:
             expected += min(bound, round(mean)) if mean is not None else bound
         output_expected += expected
         output_max += maximum
-        usages_expected.append(ModelUsage(model, entry.input_tokens, 0, expected))
-        usages_max.append(ModelUsage(model, entry.input_tokens, 0, maximum))
+        shared = entry.shared_tokens
+        cached_total += shared
+        usages_expected.append(ModelUsage(model, entry.input_tokens, shared, expected))
+        usages_max.append(ModelUsage(model, entry.input_tokens, shared, maximum))
         per_model[model] = {
             "requests": entry.requests,
             "input_tokens": entry.input_tokens,
             "input_tokens_exact": entry.exact,
+            "cached_tokens_expected": shared,
             "output_tokens_expected": expected,
             "output_tokens_max": maximum,
             "measured_output_per_request": round(mean, 1) if mean is not None else None,
@@ -233,7 +255,7 @@ def estimate(services: Services, data: bytes, endpoint: str) -> dict[str, Any]:
                 " is expected to generate that, at most its max_tokens."
             )
     input_tokens = sum(m.input_tokens for m in models.values())
-    batch_tokens = input_tokens + output_expected
+    batch_tokens = input_tokens - cached_total + output_expected  # what the engine computes
     ahead_tokens = round(ahead_requests * measured.tokens_per_request)
     seconds: float | None = None
     if measured.tokens_per_second > 0:
@@ -257,6 +279,7 @@ def estimate(services: Services, data: bytes, endpoint: str) -> dict[str, Any]:
         "failing_lines": failing,
         "input_tokens": input_tokens,
         "input_tokens_exact": all(m.exact for m in models.values()),
+        "cached_tokens_expected": cached_total,
         "output_tokens": {"expected": output_expected, "max": output_max},
         "models": per_model,
         "cost": cost_of(usages_expected, services.prices).to_wire(),

@@ -219,3 +219,9 @@ def test_an_estimate_of_a_bad_file_names_the_line(services: Services) -> None:
     with pytest.raises(InvalidRequest) as raised:
         estimates.estimate(services, b'{"custom_id": "a"}\n', "/v1/chat/completions")
     assert raised.value.line == 1
+
+
+def test_prompts_sharing_a_prefix_count_it_once() -> None:
+    lines = estimates._ModelLines(prompts=[(1, 2, 3), (5,), (1, 2, 4), (1, 2, 3)])
+    # In order: (1,2,3) (1,2,3) (1,2,4) (5,): shared 0 + 3 + 2 + 0.
+    assert lines.shared_tokens == 5

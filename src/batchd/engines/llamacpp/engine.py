@@ -218,10 +218,10 @@ class LlamaCppEngine:
     def passthrough(self, model: str) -> PassthroughEngine | None:
         return None
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int] | None:
         # Off the engine's thread: tokenizing reads the vocabulary only, and the chat
         # template's rendering keeps no state.
-        return len(self._runner(request).prompt_tokens(request))
+        return self._runner(request).prompt_tokens(request)
 
     def _runner(self, request: GenerationRequest) -> ModelRunner:
         runner = self.runners.get(self.names.get(request.model, ""))

@@ -121,7 +121,7 @@ class OpenAIHttpEngine:
     def decoding_batch_only(self) -> bool:
         return False
 
-    def count_prompt_tokens(self, request: GenerationRequest) -> int | None:
+    def prompt_token_ids(self, request: GenerationRequest) -> list[int] | None:
         return None  # the upstream's tokenizer is not here
 
     def unavailable_models(self) -> list[str]:
