@@ -118,6 +118,13 @@ def measure(records: list[BatchRecord], now: float) -> Throughput:
     )
 
 
+def shared_ahead(ahead_requests: int, ahead_each: float, own_each: float) -> int:
+    """Tokens the requests ahead compute before the batch's own have finished: continuous
+    batching runs every leased sequence side by side at one pace (processor sharing), so
+    each request ahead does as much as one of the batch's, or all of its own if less."""
+    return round(ahead_requests * min(ahead_each, own_each))
+
+
 def _recent_batches(services: Services, now: float) -> list[BatchRecord]:
     since = int(now) - RECENT_SECONDS
     records, _ = services.store.console_batches(None, statuses=None, limit=200)
@@ -256,15 +263,19 @@ def estimate(services: Services, data: bytes, endpoint: str) -> dict[str, Any]:
             )
     input_tokens = sum(m.input_tokens for m in models.values())
     batch_tokens = input_tokens - cached_total + output_expected  # what the engine computes
-    ahead_tokens = round(ahead_requests * measured.tokens_per_request)
+    ahead_tokens = shared_ahead(
+        ahead_requests, measured.tokens_per_request, batch_tokens / lines if lines else 0.0
+    )
     seconds: float | None = None
     if measured.tokens_per_second > 0:
         seconds = round((ahead_tokens + batch_tokens) / measured.tokens_per_second, 1)
         assumptions.append(
             f"Throughput {measured.tokens_per_second:.0f} tokens/s (uncached prompt + output),"
             f" measured over {measured.busy_seconds:.0f} s of batches running in the last"
-            f" {RECENT_SECONDS // 60} minutes; the {ahead_requests} requests queued or running"
-            f" ahead count {measured.tokens_per_request:.0f} tokens each and run first."
+            f" {RECENT_SECONDS // 60} minutes. The {ahead_requests} requests queued or running"
+            f" ahead ({measured.tokens_per_request:.0f} tokens each, as lately) share the engine"
+            " with this batch's requests, each going at the same pace: until this batch ends"
+            " they compute as many tokens each as one of its requests, or their own if fewer."
         )
     else:
         assumptions.append(

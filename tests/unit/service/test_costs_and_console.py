@@ -225,3 +225,11 @@ def test_prompts_sharing_a_prefix_count_it_once() -> None:
     lines = estimates._ModelLines(prompts=[(1, 2, 3), (5,), (1, 2, 4), (1, 2, 3)])
     # In order: (1,2,3) (1,2,3) (1,2,4) (5,): shared 0 + 3 + 2 + 0.
     assert lines.shared_tokens == 5
+
+
+def test_requests_ahead_count_until_the_batch_is_done_at_one_shared_pace() -> None:
+    # 10 requests ahead of 100 tokens each; the batch's own are 30 tokens each: each one
+    # ahead computes 30 tokens while the batch runs; if they are shorter, all of theirs.
+    assert estimates.shared_ahead(10, 100.0, 30.0) == 300
+    assert estimates.shared_ahead(10, 20.0, 30.0) == 200
+    assert estimates.shared_ahead(0, 20.0, 30.0) == 0

@@ -371,7 +371,8 @@
       } catch (err) {
         if (generation !== state.generation) return;
         if (err.status !== 401) showError(err.message, source);
-        else again = false;
+        // No key, no access, nothing there: asking again would only repeat the answer.
+        if (err.status === 401 || err.status === 403 || err.status === 404) again = false;
       }
       if (again && generation === state.generation) state.timer = setTimeout(tick, interval);
     };
@@ -391,7 +392,7 @@
     } else if (hash === "#/usage") {
       active = "nav-usage";
       renderUsage(view);
-    } else if (hash === "#/engines") {
+    } else if (hash === "#/engines" && state.me.admin) {
       active = "nav-engines";
       renderEngines(view);
     } else {
