@@ -29,9 +29,9 @@ def batch_cost(services: Services, record: BatchRecord) -> Cost:
     if usage.input_tokens == 0 and usage.output_tokens == 0:
         usages: list[ModelUsage] = []
     elif record.model is None or "," not in record.model:
-        usages = [
-            ModelUsage(record.model, usage.input_tokens, usage.cached_tokens, usage.output_tokens)
-        ]
+        # An Anthropic batch keeps the model as its requests name it (an alias, maybe).
+        served = _served(services, record.model)
+        usages = [ModelUsage(served, usage.input_tokens, usage.cached_tokens, usage.output_tokens)]
     else:
         usages = [
             ModelUsage(_served(services, model), prompt, cached, completion)

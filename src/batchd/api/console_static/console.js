@@ -300,6 +300,10 @@
       showError("Enter an API key.", "login");
       return;
     }
+    if (!/^[\x21-\x7e]+$/.test(key)) {
+      showError("An API key is printable ASCII without spaces.", "login");
+      return;
+    }
     const button = $("login");
     button.disabled = true;
     try {
