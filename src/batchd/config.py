@@ -122,6 +122,16 @@ class Settings(BaseSettings):
     batch_discount: float = Field(default=0.5, gt=0, le=1)
     prices_file: Path | None = None
 
+    # Webhooks (service/webhook_sender.py). URLs must be https, and resolve to public
+    # addresses, except for these hosts (comma-separated names or IPs, e.g. 127.0.0.1 in tests).
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    webhook_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # A failed delivery is tried again after base x 2^attempts (at most an hour between two),
+    # for this long after the event; then it is given up and shows failed.
+    webhook_retry_base_seconds: float = Field(default=5.0, gt=0)
+    webhook_retry_window_seconds: int = Field(default=24 * 3600, ge=1)
+    webhook_endpoints_per_tenant: int = Field(default=16, ge=1)
+
     # Scheduling.
     lease_seconds: int = 60
     # A realtime request at service_tier "flex" not answered within this long gets a 429
@@ -145,7 +155,7 @@ class Settings(BaseSettings):
     # Nice value for the threads that validate uploads and write result files (0: don't).
     background_nice: int = 19
 
-    @field_validator("api_keys", "models", mode="before")
+    @field_validator("api_keys", "models", "webhook_allow_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

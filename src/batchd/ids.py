@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import secrets
 import time
 
@@ -74,3 +75,16 @@ def response_id() -> str:
 def response_item_id() -> str:
     """An output item of a Responses API ``response`` (its assistant message)."""
     return "msg_" + secrets.token_hex(24)
+
+
+def webhook_endpoint_id() -> str:
+    return "we_" + _sortable_hex(10)
+
+
+def webhook_event_id() -> str:
+    return "evt_" + _sortable_hex(10)
+
+
+def webhook_secret() -> str:
+    """``whsec_`` and 32 random bytes in base64: the Standard Webhooks form the SDKs decode."""
+    return "whsec_" + base64.b64encode(secrets.token_bytes(32)).decode()

@@ -32,6 +32,7 @@ from batchd.loop_pacing import LoopPacer
 from batchd.scheduler.runner import Scheduler
 from batchd.service import retention
 from batchd.service.services import Services, install_metrics, price_table
+from batchd.service.webhook_sender import WebhookSender
 from batchd.store import database
 from batchd.store.store import Store
 
@@ -170,12 +171,20 @@ async def running(services: Services, role: Role, *, drain: bool = False) -> Asy
                 ),
             ]
             stack.push_async_callback(_stop_scheduling, scheduler, background, settings)
+        # Webhooks: every process runs a sender; a lease in the database lets one send.
+        sending = asyncio.create_task(WebhookSender(services.store, settings).run_forever())
+        stack.push_async_callback(_cancel, sending)
         pacer = _pacer(services, role)
         if pacer is not None:
             pacer.start()
             services.pacer = pacer
             stack.callback(pacer.stop)
         yield Running(services, scheduling)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _stop_scheduling(

@@ -20,6 +20,7 @@ from batchd.api import (
     openai_batches,
     openai_files,
     openai_realtime,
+    webhooks,
 )
 from batchd.api.auth import AuthMiddleware
 from batchd.api.http_metrics import HttpMetricsMiddleware, metrics_endpoint
@@ -90,6 +91,7 @@ def create_app(services: Services, running: WhileServing | None = None) -> FastA
     app.include_router(anthropic_batches.router)
     app.include_router(anthropic_realtime.router)
     app.include_router(console.router)
+    app.include_router(webhooks.router)
     return app
 
 

@@ -15,7 +15,7 @@ import orjson
 from sqlalchemy import Engine, and_, insert, select, update
 
 from batchd.clock import now
-from batchd.store import locks, poll_reads, schema
+from batchd.store import locks, poll_reads, schema, webhooks
 from batchd.store.files import file_values
 from batchd.store.records import TERMINAL_BATCH_STATUSES, BatchRecord, BatchStatus, FileRecord
 from batchd.store.stats import BatchStats
@@ -145,6 +145,7 @@ class BatchesMixin:
         one of ``from_statuses`` (a concurrent transition won), or, with ``claimed_by``, if
         that worker no longer holds the batch's validation claim."""
         t = schema.batches
+        from_statuses = list(from_statuses)
         stamp = f"{to_status.value}_at"
         if stamp in t.c and stamp not in values:
             values[stamp] = now()
@@ -155,6 +156,9 @@ class BatchesMixin:
             changed = conn.execute(
                 update(t).where(condition).values(status=to_status.value, **values)
             ).rowcount
+            if changed and to_status.terminal and not any(s.terminal for s in from_statuses):
+                # Its webhook events, in the transaction that ends it (the outbox).
+                webhooks.enqueue_batch_ended(conn, batch_id, to_status, now())
         return bool(changed)
 
     def batch_ids_with_status(self, *statuses: BatchStatus) -> list[str]:
@@ -197,8 +201,10 @@ class BatchesMixin:
         output_file_id: str | None,
         error_file_id: str | None,
     ) -> bool:
-        """Register the result files and end the batch in one transaction (exactly once)."""
+        """Register the result files and end the batch in one transaction (exactly once),
+        with its webhook events (the outbox: store/webhooks.py)."""
         t = schema.batches
+        from_statuses = list(from_statuses)
         with self.engine.begin() as conn:
             changed = conn.execute(
                 update(t)
@@ -215,4 +221,6 @@ class BatchesMixin:
                 return False
             for record in new_files:
                 conn.execute(insert(schema.files).values(**file_values(record)))
+            if not any(s.terminal for s in from_statuses):  # ending it, not re-ending it
+                webhooks.enqueue_batch_ended(conn, batch_id, to_status, now())
         return True

@@ -165,3 +165,52 @@ upstream_rates = Table(
     Column("level", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )
+
+# Webhooks (store/webhooks.py): each tenant's endpoints, and the outbox of events to deliver,
+# one row per event and endpoint, written in the transaction that ends the batch.
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("id", String(64), nullable=False, unique=True),
+    Column("tenant", String(64), nullable=False),
+    Column("name", Text, nullable=False),
+    Column("url", Text, nullable=False),
+    Column("events", Text, nullable=False),  # JSON list of event types
+    Column("secret", String(128), nullable=False),  # whsec_<base64>: signs every delivery
+    Column("created_at", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+    Index("ix_webhook_endpoints_tenant", "tenant", "seq"),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(64), nullable=False),  # evt_…: the webhook-id header
+    Column("endpoint_id", String(64), nullable=False),
+    Column("tenant", String(64), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("payload", LargeBinary, nullable=False),  # the body sent, the same every attempt
+    Column("created_at", BigInteger, nullable=False),
+    Column("state", String(16), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", Float, nullable=False),
+    Column("last_attempt_at", Float, nullable=True),
+    Column("last_status", Integer, nullable=True),  # the receiver's HTTP status, if any
+    Column("last_error", Text, nullable=True),  # a short excerpt: never the whole body
+    Column("delivered_at", Float, nullable=True),
+    UniqueConstraint("event_id", "endpoint_id", name="uq_webhook_deliveries_event_endpoint"),
+    Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+    Index("ix_webhook_deliveries_endpoint", "endpoint_id", "seq"),
+)
+
+# One row per job that must run on a single process at a time across the deployment (the
+# webhook sender): who holds it, until when.
+singleton_leases = Table(
+    "singleton_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(64), nullable=True),
+    Column("expires_at", Float, nullable=True),
+)

@@ -12,6 +12,7 @@ Each group of methods lives in a module of its own, as a mixin over the same eng
 - idempotency.py: looking up a create's key (recording it is part of each create)
 - tenants.py: tenants' weights and recent usage, which leasing shares the engine by
 - upstream_budget.py: upstream concurrency slots and rate buckets for the whole deployment
+- webhooks.py: webhook endpoints, the outbox of deliveries, the one-sender lease
 
 The store depends on nothing of batchd's but the clock, the errors, the failpoints and its
 own modules, so the layers above it (protocol, scheduler, service, api) can all use it.
@@ -32,6 +33,7 @@ from batchd.store.retention import RetentionMixin
 from batchd.store.stats import BatchStats, StatsMixin
 from batchd.store.tenants import TenantsMixin
 from batchd.store.upstream_budget import UpstreamBudgetMixin
+from batchd.store.webhooks import WebhooksMixin
 
 
 class Store(
@@ -45,6 +47,7 @@ class Store(
     IdempotencyMixin,
     TenantsMixin,
     UpstreamBudgetMixin,
+    WebhooksMixin,
 ):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
