@@ -19,7 +19,7 @@ from batchd.api.json_body import read_json
 from batchd.api.responses import JSONResponse
 from batchd.errors import InvalidRequest
 from batchd.protocol import anthropic as am
-from batchd.service import batches, costs, idempotency, message_batches
+from batchd.service import batches, costs, idempotency, message_batches, retry
 from batchd.service.services import Services, wake_scheduler
 from batchd.store.records import BatchRecord
 
@@ -108,6 +108,26 @@ async def cancel_message_batch(
         lambda: _object(
             services,
             message_batches.cancel_message_batch(services, tenant, message_batch_id),
+            base_url,
+        ),
+    )
+    wake_scheduler(services)  # on the loop: the wake-up is not thread-safe
+    return answer
+
+
+@router.post("/v1/messages/batches/{message_batch_id}/retry")
+async def retry_message_batch(
+    message_batch_id: str, request: Request, tenant: Tenant, services: ServicesDep
+) -> dict[str, Any]:
+    """batchd extension: a new message batch of this ended batch's errored, expired and
+    canceled requests (their stored params)."""
+    key = idempotency.key_of(request.headers)
+    base_url = _base_url(request, services)
+    answer = await run_blocking(
+        services,
+        lambda: _object(
+            services,
+            retry.retry_message_batch(services, tenant, message_batch_id, key),
             base_url,
         ),
     )

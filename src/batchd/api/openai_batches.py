@@ -13,7 +13,7 @@ from batchd.api.json_body import read_bytes, read_json
 from batchd.api.responses import JSONResponse
 from batchd.errors import InvalidRequest
 from batchd.protocol.openai import objects as oa_objects
-from batchd.service import batches, costs, estimates, idempotency
+from batchd.service import batches, costs, estimates, idempotency, retry
 from batchd.service.services import Services, wake_scheduler
 from batchd.store.records import BatchRecord
 
@@ -119,6 +119,21 @@ async def cancel_batch(batch_id: str, tenant: Tenant, services: ServicesDep) -> 
     answer = await run_blocking(
         services,
         lambda: _object(services, batches.cancel_batch(services, tenant, batch_id, SURFACE)),
+    )
+    wake_scheduler(services)  # on the loop: the wake-up is not thread-safe
+    return answer
+
+
+@router.post("/v1/batches/{batch_id}/retry")
+async def retry_batch(
+    batch_id: str, request: Request, tenant: Tenant, services: ServicesDep
+) -> dict[str, Any]:
+    """batchd extension: a new batch of this ended batch's failed, expired and cancelled
+    requests (their original input lines), its metadata naming it as ``retry_of``."""
+    key = idempotency.key_of(request.headers)
+    answer = await run_blocking(
+        services,
+        lambda: _object(services, retry.retry_batch(services, tenant, batch_id, key)),
     )
     wake_scheduler(services)  # on the loop: the wake-up is not thread-safe
     return answer

@@ -1,5 +1,5 @@
-"""``batchd submit | status | results | cancel | ls``: clients of a running server, built on the
-official ``openai`` SDK (the same calls a user's own code would make).
+"""``batchd submit | status | results | cancel | retry | ls``: clients of a running server,
+built on the official ``openai`` SDK (the same calls a user's own code would make).
 
 Machine-readable output (batch ids, ``--json``, result lines) goes to stdout; progress, summaries
 and errors go to stderr, so ``batchd results ID > out.jsonl`` and ``ID=$(batchd submit f.jsonl)``
@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Annotated, Any
+from urllib.parse import quote
 
 import openai
 import typer
@@ -202,31 +204,81 @@ def submit(
         print(batch.id, flush=True)
         if not wait:
             return
-        try:
-            batch = _follow(client, batch.id)
-        except KeyboardInterrupt:
-            err.print(f"stopped following; the batch keeps running: batchd status {batch.id}")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        err.print(_summary(batch), markup=False)
-        if batch.status == "failed":
-            for line in _error_lines(batch):
-                err.print("  " + line, markup=False)
-            raise typer.Exit(EXIT_BATCH_FAILED)
         stem = file.name.removesuffix(".jsonl")
-        for file_id, suffix in ((batch.output_file_id, "output"), (batch.error_file_id, "errors")):
-            if file_id:
-                target = file.with_name(f"{stem}.{suffix}.jsonl")
-                with target.open("wb") as out:
-                    _stream_file(client, file_id, out)
-                err.print(f"wrote {target}", markup=False)
-        if batch.usage is not None:
-            usage = batch.usage
-            err.print(
-                f"tokens: {usage.input_tokens} in, {usage.output_tokens} out, "
-                f"{usage.total_tokens} total"
-            )
+        _wait_and_download(
+            client,
+            batch.id,
+            file.with_name(f"{stem}.output.jsonl"),
+            file.with_name(f"{stem}.errors.jsonl"),
+        )
+
+
+def _wait_and_download(client: openai.OpenAI, batch_id: str, output: Path, errors: Path) -> None:
+    """Follow the batch to its end, then write its output and error files (those it has) to
+    ``output`` and ``errors``. Exit 2 if it failed, 3 if it expired or was cancelled (its
+    partial results written all the same)."""
+    try:
+        batch = _follow(client, batch_id)
+    except KeyboardInterrupt:
+        err.print(f"stopped following; the batch keeps running: batchd status {batch_id}")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    err.print(_summary(batch), markup=False)
+    if batch.status == "failed":
+        for line in _error_lines(batch):
+            err.print("  " + line, markup=False)
+        raise typer.Exit(EXIT_BATCH_FAILED)
+    for file_id, target in ((batch.output_file_id, output), (batch.error_file_id, errors)):
+        if file_id:
+            with target.open("wb") as out:
+                _stream_file(client, file_id, out)
+            err.print(f"wrote {target}", markup=False)
+    if batch.usage is not None:
+        usage = batch.usage
+        err.print(
+            f"tokens: {usage.input_tokens} in, {usage.output_tokens} out, "
+            f"{usage.total_tokens} total"
+        )
     if batch.status != "completed":
         raise typer.Exit(EXIT_BATCH_UNFINISHED)
+
+
+def retry(
+    batch_id: Annotated[str, typer.Argument(help="An ended batch's id (batch_...).")],
+    wait: Annotated[
+        bool,
+        typer.Option(
+            help="Follow progress, then write the new batch's output file (see --output) and"
+            " NAME.errors.jsonl beside it. Exit 2 if it failed, 3 if it expired or was cancelled."
+        ),
+    ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--output",
+            help="With --wait, the output file. Default: NEW_BATCH_ID.output.jsonl.",
+            show_default=False,
+        ),
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: KeyOption = "none",
+) -> None:
+    """Retry a batch's failed, expired and cancelled requests as a new batch; print its id."""
+    client = _client(url, api_key)
+    with _server_errors(url):
+        batch = client.post(
+            f"/batches/{quote(batch_id, safe='')}/retry",
+            cast_to=Batch,
+            body={},
+            # The SDK repeats a request whose answer was lost: the key makes that one retry.
+            options={"headers": {"Idempotency-Key": f"batchd-cli-retry-{uuid.uuid4()}"}},
+        )
+        print(batch.id, flush=True)
+        if not wait:
+            return
+        target = output or Path(f"{batch.id}.output.jsonl")
+        stem = target.name.removesuffix(".jsonl").removesuffix(".output")
+        _wait_and_download(client, batch.id, target, target.with_name(f"{stem}.errors.jsonl"))
 
 
 def _status_table(batch: Batch) -> Table:
@@ -356,5 +408,5 @@ def ls(
 
 
 def register(app: typer.Typer) -> None:
-    for command in (submit, status, results, cancel, ls):
+    for command in (submit, status, results, cancel, retry, ls):
         app.command()(command)

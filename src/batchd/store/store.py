@@ -13,6 +13,7 @@ Each group of methods lives in a module of its own, as a mixin over the same eng
 - tenants.py: tenants' weights and recent usage, which leasing shares the engine by
 - upstream_budget.py: upstream concurrency slots and rate buckets for the whole deployment
 - webhooks.py: webhook endpoints, the outbox of deliveries, the one-sender lease
+- retry_reads.py: what retrying a batch reads (its failed rows) and sets (its metadata)
 
 The store depends on nothing of batchd's but the clock, the errors, the failpoints and its
 own modules, so the layers above it (protocol, scheduler, service, api) can all use it.
@@ -30,6 +31,7 @@ from batchd.store.files import FilesMixin
 from batchd.store.idempotency import IdempotencyMixin
 from batchd.store.queue import QueueMixin
 from batchd.store.retention import RetentionMixin
+from batchd.store.retry_reads import RetryReadsMixin
 from batchd.store.stats import BatchStats, StatsMixin
 from batchd.store.tenants import TenantsMixin
 from batchd.store.upstream_budget import UpstreamBudgetMixin
@@ -44,6 +46,7 @@ class Store(
     StatsMixin,
     ConsoleReadsMixin,
     RetentionMixin,
+    RetryReadsMixin,
     IdempotencyMixin,
     TenantsMixin,
     UpstreamBudgetMixin,
