@@ -112,6 +112,9 @@ def run_sequential(
     return time.perf_counter() - start, tokens
 
 
+POLL_SECONDS = 0.25
+
+
 def run_batch(client: openai.OpenAI, bodies: list[dict[str, Any]]) -> dict[str, Any]:
     """The same requests as one batch, upload to downloaded results: timing and usage."""
     lines = [
@@ -125,7 +128,11 @@ def run_batch(client: openai.OpenAI, bodies: list[dict[str, Any]]) -> dict[str, 
         input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
     while batch.status not in ("completed", "failed", "expired", "cancelled"):
-        time.sleep(0.05)
+        # Four polls a second: the end is seen within 0.25 s (3% of the 64-request batch), and
+        # the poller does not take the CPU it measures. At 20 a second (the bench's rate until
+        # 2026-12-04) the polls alone cost the batch 7-12% on two cores, a cost of the
+        # measuring client, not of the service: the SDK's users poll every few seconds.
+        time.sleep(POLL_SECONDS)
         batch = client.batches.retrieve(batch.id)
     content = client.files.content(batch.output_file_id).text if batch.output_file_id else ""
     seconds = time.perf_counter() - start
