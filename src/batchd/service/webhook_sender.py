@@ -58,8 +58,12 @@ def sign(secret: str, event_id: str, timestamp: int, body: bytes) -> str:
 
 def check_url(url: str, allow_hosts: list[str]) -> str:
     """The URL if an endpoint may have it; InvalidRequest (param ``url``) saying why not."""
-    parts = urlsplit(url)
-    host = (parts.hostname or "").lower()
+    try:
+        parts = urlsplit(url)
+        host = (parts.hostname or "").lower()
+        parts.port  # noqa: B018  # raises for a port that is not a number in range
+    except ValueError as exc:
+        raise InvalidRequest(f"url is not a valid URL: {exc}.", param="url") from None
     if parts.scheme not in ("https", "http") or not host:
         raise InvalidRequest("url must be an absolute https:// URL.", param="url")
     if parts.username or parts.password:

@@ -43,6 +43,8 @@ def test_the_signature_is_the_one_the_openai_sdk_verifies() -> None:
         "https://127.0.0.1/hook",  # loopback, not allowed here
         "https://user:pw@example.com/hook",  # credentials
         "ftp://example.com/hook",
+        "https://[::1/hook",  # not parseable
+        "https://example.com:99999/hook",  # port out of range
     ],
 )
 def test_unsafe_urls_are_refused_naming_url(url: str) -> None:
