@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,14 @@ import httpx
 import openai
 import pytest
 
-from tests.support.helpers import chat_line, jsonl, upload, wait_for
+from tests.support.helpers import (
+    chat_line,
+    create_message_batch,
+    eventually,
+    jsonl,
+    upload,
+    wait_for,
+)
 from tests.support.serverproc import ServerProcess, running_server
 
 ALICE = "alice-key-0001"
@@ -120,23 +126,12 @@ def test_both_surfaces_batch_objects_carry_cost_and_saving_at_the_models_prices(
     assert all("batchd" in (b.model_extra or {}) for b in listed)
 
     messages = anthropic.Anthropic(base_url=server.url, api_key=ALICE, max_retries=0)
-    created = messages.messages.batches.create(
-        requests=[
-            {
-                "custom_id": "m0",
-                "params": {
-                    "model": "default",
-                    "max_tokens": 4,
-                    "messages": [{"role": "user", "content": "Hi."}],
-                },
-            }
-        ]
+    message_batch_id = create_message_batch(server.url, key=ALICE)
+    eventually(
+        lambda: messages.messages.batches.retrieve(message_batch_id).processing_status == "ended",
+        "the message batch ends",
     )
-    for _ in range(600):
-        message_batch = messages.messages.batches.retrieve(created.id)
-        if message_batch.processing_status == "ended":
-            break
-        time.sleep(0.2)
+    message_batch = messages.messages.batches.retrieve(message_batch_id)
     extension = (message_batch.model_extra or {})["batchd"]
     assert extension["usage"]["output_tokens"] > 0
     assert extension["cost"]["batch"] > 0

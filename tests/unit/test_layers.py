@@ -13,7 +13,17 @@ SRC = Path(batchd.__file__).parent
 
 # Lowest first. A module may import its own layer and those below it, never one above.
 LAYERS: list[tuple[str, ...]] = [
-    ("clock", "errors", "ids", "failpoints", "engine_activity", "metrics", "config", "loop_pacing"),
+    (
+        "clock",
+        "errors",
+        "ids",
+        "failpoints",
+        "engine_activity",
+        "metrics",
+        "config",
+        "loop_pacing",
+        "toml_files",
+    ),
     ("store", "blobs"),
     ("engines",),
     ("protocol", "costs"),

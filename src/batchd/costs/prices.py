@@ -25,14 +25,14 @@ A key that is misspelt or a price below zero stops start-up with the key named.
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from batchd.errors import ConfigError
+from batchd.toml_files import load_validated
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,20 +135,8 @@ class PriceTable:
         }
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc)
-
-
 def parse(text: str, *, source: str, defaults: _Entry) -> PriceTable:
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        parsed = _File.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise ConfigError(f"{source}: {_loc(first['loc'])}: {first['msg']}") from None
+    parsed = load_validated(text, source=source, model=_File)
     base = defaults.model_copy(
         update={k: v for k, v in parsed.default.model_dump().items() if v is not None}
     )

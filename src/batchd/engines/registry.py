@@ -28,13 +28,13 @@ turns them into exit status 2. Secrets are resolved here, once, from the environ
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from batchd.errors import ConfigError
+from batchd.toml_files import load_validated
 
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,127}$"
 
@@ -140,17 +140,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
 
 def parse(text: str, *, source: str, environ: dict[str, str] | None = None) -> Registry:
     env = os.environ if environ is None else environ
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        # The message carries "(at line N, column M)".
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    try:
-        parsed = RegistryFile.model_validate(raw)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        key = _loc(tuple(first["loc"])) or "(top level)"
-        raise ConfigError(f"{source}: {key}: {first['msg']}") from None
+    parsed = load_validated(text, source=source, model=RegistryFile, key=_loc)
     names: dict[str, str] = {}
     keys: dict[str, str | None] = {}
     for model_id, entry in parsed.models.items():

@@ -329,19 +329,7 @@ def processing_status(status: str) -> str:
 def message_batch_object(record: Any, base_url: str) -> dict[str, Any]:
     status = processing_status(record.status.value)
     counts = record.counts
-    ended_at = next(
-        (
-            stamp
-            for stamp in (
-                record.completed_at,
-                record.cancelled_at,
-                record.expired_at,
-                record.failed_at,
-            )
-            if stamp is not None
-        ),
-        None,
-    )
+    ended_at = record.ended_at
     ended = status == "ended"
     return {
         "id": record.id,

@@ -51,20 +51,7 @@ def progress(record: BatchRecord, now: float) -> dict[str, Any]:
     counts = record.counts
     done = counts.total - counts.unfinished
     started = record.in_progress_at
-    ended = next(
-        (
-            stamp
-            for stamp in (
-                record.completed_at,
-                record.failed_at,
-                record.expired_at,
-                record.cancelled_at,
-            )
-            if stamp is not None
-        ),
-        None,
-    )
-    elapsed = ((ended or now) - started) if started is not None else 0.0
+    elapsed = ((record.ended_at or now) - started) if started is not None else 0.0
     tokens_per_second = record.usage.output_tokens / elapsed if elapsed > 0 else 0.0
     eta = None
     if not record.status.terminal and started is not None and done and counts.unfinished:

@@ -69,13 +69,6 @@ class Throughput:
     output_per_request: dict[str, float]
 
 
-def _ended_at(record: BatchRecord) -> int | None:
-    for stamp in (record.completed_at, record.failed_at, record.expired_at, record.cancelled_at):
-        if stamp is not None:
-            return stamp
-    return None
-
-
 def measure(records: list[BatchRecord], now: float) -> Throughput:
     """Throughput over the time the given batches ran: their intervals (in progress to ended,
     or to now) merged, so batches running side by side are not counted twice."""
@@ -85,7 +78,7 @@ def measure(records: list[BatchRecord], now: float) -> Throughput:
     for record in records:
         if record.in_progress_at is None:
             continue
-        end = _ended_at(record) or record.finalizing_at or now
+        end = record.ended_at or record.finalizing_at or now
         usage = record.usage
         done = usage.input_tokens - usage.cached_tokens + usage.output_tokens
         if done <= 0:
@@ -131,7 +124,7 @@ def _recent_batches(services: Services, now: float) -> list[BatchRecord]:
     return [
         r
         for r in records
-        if r.in_progress_at is not None and (r.status in _RUNNING or (_ended_at(r) or 0) >= since)
+        if r.in_progress_at is not None and (r.status in _RUNNING or (r.ended_at or 0) >= since)
     ]
 
 

@@ -47,18 +47,24 @@ def retry_filename(batch_id: str) -> str:
     return f"retry-of-{batch_id}.jsonl"
 
 
+def _require_ended(record: BatchRecord, message: str, param: str) -> None:
+    """A batch still running has nothing final to retry yet: a 400 saying so."""
+    if not record.status.terminal:
+        raise InvalidRequest(message, param=param)
+
+
 def retry_batch(
     services: Services, tenant: str, batch_id: str, idempotency_key: str | None = None
 ) -> BatchRecord:
     """A new OpenAI batch of the ended batch's errored, expired and cancelled lines, in
     ``validating``. Wake the scheduler afterwards."""
     record = batches.get_batch(services, tenant, batch_id, batches.SURFACE)
-    if not record.status.terminal:
-        raise InvalidRequest(
-            f"Batch {batch_id} is still {record.status.value}; only a batch that has ended"
-            " (completed, expired or cancelled) can be retried.",
-            param="batch_id",
-        )
+    _require_ended(
+        record,
+        f"Batch {batch_id} is still {record.status.value}; only a batch that has ended"
+        " (completed, expired or cancelled) can be retried.",
+        "batch_id",
+    )
     line_numbers = services.store.retry_line_numbers(batch_id)
     if not line_numbers:
         raise InvalidRequest(
@@ -159,12 +165,12 @@ def retry_message_batch(
     """A new message batch of the ended batch's errored, expired and canceled requests, with
     their stored ``params``, in ``in_progress``. Wake the scheduler afterwards."""
     record = batches.get_batch(services, tenant, batch_id, message_batches.SURFACE)
-    if not record.status.terminal:
-        raise InvalidRequest(
-            f"Message batch {batch_id} is still {am.processing_status(record.status.value)};"
-            " only a batch that has ended can be retried.",
-            param="message_batch_id",
-        )
+    _require_ended(
+        record,
+        f"Message batch {batch_id} is still {am.processing_status(record.status.value)};"
+        " only a batch that has ended can be retried.",
+        "message_batch_id",
+    )
     rows = [] if record.archived_at is not None else services.store.retry_requests(batch_id)
     if record.archived_at is not None or any(not body for _, body in rows):
         raise InvalidRequest(

@@ -19,6 +19,7 @@ import orjson
 
 from batchd import ids
 from batchd.errors import InvalidRequest, NotFound
+from batchd.protocol.openai import objects as oa_objects
 from batchd.service.services import Services
 from batchd.service.webhook_sender import attempt, check_url
 from batchd.store.webhooks import EVENT_TYPES, event_body
@@ -146,14 +147,7 @@ def list_endpoints(
     services: Services, tenant: str, after: str | None, limit: int
 ) -> dict[str, Any]:
     rows, has_more = services.store.webhook_endpoints(tenant, after=after, limit=limit)
-    data = [endpoint_object(row) for row in rows]
-    return {
-        "object": "list",
-        "data": data,
-        "first_id": data[0]["id"] if data else None,
-        "last_id": data[-1]["id"] if data else None,
-        "has_more": has_more,
-    }
+    return oa_objects.list_object([endpoint_object(row) for row in rows], has_more)
 
 
 def delete_endpoint(services: Services, tenant: str, endpoint_id: str) -> dict[str, Any]:

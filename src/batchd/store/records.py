@@ -128,6 +128,14 @@ class BatchRecord:
     counts: RequestCounts = field(default_factory=RequestCounts)
     usage: Usage = field(default_factory=Usage)
 
+    @property
+    def ended_at(self) -> int | None:
+        """When the batch ended, however it ended (at most one of these is ever set)."""
+        for stamp in (self.completed_at, self.failed_at, self.expired_at, self.cancelled_at):
+            if stamp is not None:
+                return stamp
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class LeasedRequest:
