@@ -83,24 +83,62 @@ def _resident_chunks(start: int, size: int) -> int:
     return sum(any(vec[i : i + per_chunk]) for i in range(0, pages, per_chunk))
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.mmap.restype = ctypes.c_void_p
+_LIBC.mmap.argtypes = (
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+)
+_LIBC.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FIXED = 0x10
+_PROT_NONE = 0
+
+
+def _reserve(size: int) -> int:
+    """An inaccessible reservation of ``size`` bytes and a page on each side."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+    base = _LIBC.mmap(None, size + 2 * mmap.PAGESIZE, _PROT_NONE, flags, -1, 0)
+    assert base not in (None, ctypes.c_void_p(-1).value), ctypes.get_errno()
+    return int(base)
+
+
+def _map_inside(base: int, size: int) -> int:
+    """A read-write anonymous mapping inside ``base``'s reservation, between its two guard
+    pages: no neighbouring read-write mapping can be merged into it (the sweeper rightly
+    skips a mapping that older memory was merged into, and where the kernel puts a plain
+    mmap, beside which older mapping, depends on everything the test run did before)."""
+    start = base + mmap.PAGESIZE
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_FIXED
+    got = _LIBC.mmap(start, size, mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)
+    assert got == start, ctypes.get_errno()
+    return start
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise semantics of Linux")
 def test_the_sweep_trails_a_clear_that_is_still_running_and_keeps_data() -> None:
     # A mapping that appears inside the block and is zeroed chunk by chunk, as llama.cpp's
     # clear does while the context is made: the sweeper gives chunks back behind the writer,
     # so they are never all resident at once, and a chunk holding data is never dropped.
     size = 16 * CHUNK
+    base = _reserve(size)
     before = anonymous_regions()
-    with released_while_made(before, at_least=size // 2, pause=0.001):
-        region = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        start = ctypes.addressof(ctypes.c_char.from_buffer(region))
-        region[3] = 1  # data written first, as if by something else: must survive
-        most = 0
-        for chunk in range(size // CHUNK):
-            region[chunk * CHUNK : (chunk + 1) * CHUNK] = bytes(CHUNK) if chunk else region[:CHUNK]
-            time.sleep(0.02)  # the GIL is free meanwhile, as in llama.cpp's C code
-            most = max(most, _resident_chunks(start, size))
     try:
-        assert region[3] == 1
+        with released_while_made(before, at_least=size // 2, pause=0.001):
+            start = _map_inside(base, size)
+            ctypes.memset(start + 3, 1, 1)  # data written first, as if by something else
+            most = 0
+            for chunk in range(size // CHUNK):
+                if chunk:
+                    ctypes.memset(start + chunk * CHUNK, 0, CHUNK)
+                else:  # the data's chunk written whole, data kept
+                    ctypes.memmove(start, ctypes.string_at(start, CHUNK), CHUNK)
+                time.sleep(0.02)  # the GIL is free meanwhile, as in llama.cpp's C code
+                most = max(most, _resident_chunks(start, size))
+        assert ctypes.string_at(start + 3, 1) == b"\x01"  # must survive
         assert most < size // CHUNK // 2  # never even half resident at once
     finally:
-        region.close()
+        _LIBC.munmap(base, size + 2 * mmap.PAGESIZE)
