@@ -98,20 +98,43 @@ def batched_bench(
     """llama.cpp's own batched decode of ``sequences`` x (``prompt`` + ``generated``) tokens
     (one KV stream per sequence, as batchd runs): the row of its table, or None. With
     ``shared_prompt`` (``-pps``) the prompt is computed once and copied to every sequence."""
-    ctx = sequences * (prompt + generated) + 256
+    rows = batched_bench_rows(
+        binary, model, threads=threads, prompt=prompt, generated=generated,
+        sequences=[sequences], shared_prompt=shared_prompt,
+    )  # fmt: skip
+    return rows[0] if rows else None
+
+
+def batched_bench_rows(
+    binary: Path,
+    model: Path,
+    *,
+    threads: int,
+    prompt: int,
+    generated: int,
+    sequences: list[int],
+    shared_prompt: bool = False,
+) -> list[dict[str, float]]:
+    """One ``llama-batched-bench`` process running each entry of ``sequences`` in turn (a
+    width may repeat, to measure it more than once): its rows in that order, or [] if it
+    printed none."""
+    ctx = max(sequences) * (prompt + generated) + 256
+    widths = ",".join(str(s) for s in sequences)
     done = subprocess.run(
         [str(binary), "-m", str(model), "-c", str(ctx), "-b", "512", "-ub", "512",
-         "-npp", str(prompt), "-ntg", str(generated), "-npl", str(sequences),
+         "-npp", str(prompt), "-ntg", str(generated), "-npl", widths,
          "-t", str(threads), "-tb", str(threads), *(["-pps"] if shared_prompt else [])],
         capture_output=True, text=True,
     )  # fmt: skip
+    keys = ("pp", "tg", "b", "n_kv", "t_pp", "s_pp", "t_tg", "s_tg", "t", "s")
+    rows = []
     for line in done.stdout.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 10 and cells[0] == str(prompt) and cells[2] == str(sequences):
-            keys = ("pp", "tg", "b", "n_kv", "t_pp", "s_pp", "t_tg", "s_tg", "t", "s")
-            return dict(zip(keys, map(float, cells), strict=True))
-    _log(f"llama-batched-bench printed no result: {(done.stderr or done.stdout)[-500:]}")
-    return None
+        if len(cells) == 10 and cells[0] == str(prompt) and cells[2].isdigit():
+            rows.append(dict(zip(keys, map(float, cells), strict=True)))
+    if not rows:
+        _log(f"llama-batched-bench printed no result: {(done.stderr or done.stdout)[-500:]}")
+    return rows
 
 
 @contextlib.contextmanager
